@@ -1,0 +1,139 @@
+"""MobileMoE configs: the published presets and the checks a real config must pass.
+
+A preset only ever stands in for a checkpoint that does not exist (synthetic
+weights for tests and benchmarks); a real config.json always wins.
+"""
+
+import copy
+from typing import Any, Dict
+
+from .errors import UserError
+
+_COMMON = {
+    "model_type": "mobilemoe",
+    "architectures": ["MobileMoEForCausalLM"],
+    "vocab_size": 128256,
+    "head_dim": 64,
+    "num_key_value_heads": 4,
+    "num_local_experts": 60,
+    "num_experts_per_tok": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+    },
+    "interleave_moe_layer_step": 1,
+    "use_qk_norm": True,
+    "attn_temperature_tuning": False,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+}
+
+# Shapes from the spec's table; M is the spec's estimate (see section 1).
+_SHAPES = {
+    "S": dict(num_hidden_layers=20, hidden_size=768, num_attention_heads=12,
+              intermediate_size=384, intermediate_size_mlp=1536),
+    "M": dict(num_hidden_layers=26, hidden_size=1024, num_attention_heads=16,
+              intermediate_size=512, intermediate_size_mlp=2048),
+    "L": dict(num_hidden_layers=32, hidden_size=1280, num_attention_heads=20,
+              intermediate_size=640, intermediate_size_mlp=2560),
+    # Small enough for MLX's CPU backend, but every feature of the real shape:
+    # GQA (4 heads on 2 KV heads), top-k < experts, shared expert 4x routed.
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                 intermediate_size_mlp=128, num_local_experts=8,
+                 num_experts_per_tok=2, vocab_size=512, bos_token_id=1,
+                 eos_token_id=[2, 3]),
+}
+
+PRESETS = tuple(_SHAPES)
+
+
+def preset_config(name: str) -> Dict[str, Any]:
+    """A full config.json dict for a named preset (S, M, L or tiny)."""
+    if name not in _SHAPES:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    config = copy.deepcopy(_COMMON)
+    config.update(_SHAPES[name])
+    layers = config["num_hidden_layers"]
+    config["no_rope_layers"] = [1] * layers
+    config["layer_types"] = ["full_attention"] * layers
+    return config
+
+
+_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "num_local_experts", "num_experts_per_tok",
+)
+
+# Settings the spec fixes; any other value would need a computation we do not do.
+_FIXED = {
+    "hidden_act": "silu",
+    "interleave_moe_layer_step": 1,
+    "use_qk_norm": True,
+    "attn_temperature_tuning": False,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "norm_topk_prob": True,
+}
+
+
+def rope_block(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The RoPE scaling block, whether written as `rope_scaling` (released
+    checkpoints) or `rope_parameters` (our converted directories)."""
+    return config.get("rope_scaling") or config.get("rope_parameters") or {}
+
+
+def validate_config(config: Dict[str, Any]) -> None:
+    """Raise UserError unless `config` describes the model the spec describes."""
+    if config.get("model_type") != "mobilemoe":
+        raise UserError(
+            f"config.json has model_type {config.get('model_type')!r}, not 'mobilemoe': "
+            "this is not a MobileMoE checkpoint"
+        )
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise UserError(f"config.json lacks {', '.join(missing)}")
+    for key, expected in _FIXED.items():
+        if key in config and config[key] != expected:
+            raise UserError(
+                f"config.json sets {key}={config[key]!r}; MobileMoE as specified "
+                f"uses {expected!r} and nothing else is implemented"
+            )
+    rope = rope_block(config)
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope and rope_type != "llama3":
+        raise UserError(f"config.json uses rope_type {rope_type!r}; only 'llama3' is supported")
+    if rope and rope.get("low_freq_factor", 1.0) != rope.get("high_freq_factor", 1.0):
+        raise UserError(
+            "config.json's llama3 RoPE has low_freq_factor != high_freq_factor; "
+            "only equal factors (as released) are supported"
+        )
+    if config.get("sliding_window") or config.get("attention_chunk_size"):
+        raise UserError("config.json asks for windowed attention; MobileMoE uses full attention only")
+    layers = config["num_hidden_layers"]
+    if any(t != "full_attention" for t in config.get("layer_types", [])):
+        raise UserError("config.json has layers other than full_attention; not supported")
+    if any(v != 1 for v in config.get("no_rope_layers", [])):
+        raise UserError("config.json has layers without RoPE; not supported")
+    for key in ("moe_layers", "dense_layers", "first_k_dense_replace"):
+        if config.get(key):
+            raise UserError(f"config.json sets {key}; every MobileMoE layer is MoE, dense layers are not supported")
+    if config["num_experts_per_tok"] > config["num_local_experts"]:
+        raise UserError("config.json chooses more experts per token than it has")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise UserError("config.json's attention heads are not a multiple of its KV heads")
+    if len(config.get("layer_types", [None] * layers)) != layers:
+        raise UserError("config.json's layer_types does not list every layer")

@@ -1,0 +1,272 @@
+"""Convert released MobileMoE checkpoints into MLX directories.
+
+The output is what mlx-lm loads: model*.safetensors in MLX's names, a
+config.json with mlx-lm's `quantization` entry and `model_file`, the model
+source beside it, the tokenizer files, and conversion.json (provenance and
+the quantization error introduced, per tensor).
+
+Packed INT4 QAT weights are carried over bit for bit (see packing.py);
+bf16/fp32 weights are quantized to INT4 group-32 by default.
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+from . import __version__, packing
+from .checkpoint import TensorSource, open_checkpoint
+from .config import rope_block, validate_config
+from .errors import UserError
+from .hub import fetch_checkpoint, looks_like_repo_id
+from .layout import (
+    BIAS,
+    EXPERTS,
+    NORM,
+    PER_EXPERT,
+    QAT,
+    QUANTIZABLE,
+    ROUTER,
+    Weight,
+    check_source,
+    detect_layout,
+    model_weights,
+    source_tensors,
+)
+from .safetensors_writer import Group, write_model
+
+MODEL_FILE = "mobilemoe.py"
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+DEFAULT_MAX_SHARD_BYTES = 4 << 30  # mlx-lm's loaders are happy with a few GB a file
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def _qat_group_size(config: dict) -> int:
+    q = config.get("quantization") or {}
+    if q.get("group_size", 32) != q.get("embedding_group_size", q.get("group_size", 32)):
+        raise UserError("QAT checkpoints with a different embedding group size are not supported")
+    if (q.get("qmin", -8), q.get("qmax", 7), q.get("symmetric", True)) != (-8, 7, True):
+        raise UserError("the checkpoint's quantization block is not symmetric INT4 [-8, 7]")
+    return q.get("group_size", 32)
+
+
+class _Converter:
+    """Turns one Weight into MLX tensors; holds the choices made once per run."""
+
+    def __init__(self, source: TensorSource, layout: str, dtype: mx.Dtype,
+                 quantize: bool, bits: int, group_size: int, qat_group_size: int):
+        self.source, self.layout, self.dtype = source, layout, dtype
+        self.quantize, self.bits, self.group_size = quantize, bits, group_size
+        self.qat_group_size = qat_group_size
+        # QAT weights already are INT4 g32: asking for exactly that keeps them as they are.
+        self.carry_qat = (layout == QAT and quantize and bits == 4
+                          and group_size == qat_group_size)
+        self.errors: Dict[str, float] = {}
+
+    def specs(self, w: Weight):
+        if w.kind in (ROUTER, BIAS):
+            return {self._name(w): (w.shape, mx.float32)}
+        if w.kind in QUANTIZABLE and self.quantize:
+            *lead, last = w.shape
+            words = (*lead, last * self.bits // 32)
+            groups = (*lead, last // self.group_size)
+            return {f"{w.path}.weight": (words, mx.uint32),
+                    f"{w.path}.scales": (groups, self.dtype),
+                    f"{w.path}.biases": (groups, self.dtype)}
+        return {f"{w.path}.weight": (w.shape, self.dtype)}
+
+    @staticmethod
+    def _name(w: Weight) -> str:
+        return w.path if w.kind == BIAS else f"{w.path}.weight"
+
+    def produce(self, w: Weight) -> Dict[str, mx.array]:
+        roles = source_tensors(w, self.layout, self.qat_group_size)
+        load = self.source.load
+        if w.kind in (ROUTER, BIAS):
+            return {self._name(w): load(roles["weight"].name).astype(mx.float32)}
+        if w.kind == NORM:
+            return {f"{w.path}.weight": load(roles["weight"].name).astype(self.dtype)}
+        if self.carry_qat:
+            weight, scales, biases = packing.qat_to_mlx(
+                load(roles["qweight"].name), load(roles["scale"].name).astype(self.dtype))
+            return {f"{w.path}.weight": weight, f"{w.path}.scales": scales,
+                    f"{w.path}.biases": biases}
+        full = self._dense(w, roles)
+        if not self.quantize:
+            return {f"{w.path}.weight": full.astype(self.dtype)}
+        weight, scales, biases, err = packing.quantize(full, self.group_size, self.bits, self.dtype)
+        mx.eval(err)
+        self.errors[w.path] = err.item()
+        return {f"{w.path}.weight": weight, f"{w.path}.scales": scales,
+                f"{w.path}.biases": biases}
+
+    def _dense(self, w: Weight, roles) -> mx.array:
+        load = self.source.load
+        if self.layout == QAT:
+            return packing.dequantize_qat(load(roles["qweight"].name), load(roles["scale"].name))
+        if self.layout == PER_EXPERT and w.kind == EXPERTS:
+            # Per-expert tensors are [out, in]; the model keeps experts [E, in, out].
+            if w.path.endswith("gate_up_proj"):
+                per_expert = [mx.concatenate([load(roles[f"gate.{j}"].name).T,
+                                              load(roles[f"up.{j}"].name).T], axis=-1)
+                              for j in range(w.shape[0])]
+            else:
+                per_expert = [load(roles[f"down.{j}"].name).T for j in range(w.shape[0])]
+            return mx.stack(per_expert)
+        return load(roles["weight"].name)
+
+
+def _check_group_size(weights: List[Weight], group_size: int, bits: int) -> None:
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--q-group-size must be 32, 64 or 128, not {group_size}")
+    if bits not in (4, 8):
+        raise UserError(f"--q-bits must be 4 or 8, not {bits}")
+    for w in weights:
+        if w.kind in QUANTIZABLE and w.shape[-1] % group_size:
+            raise UserError(
+                f"--q-group-size {group_size} does not divide {w.path}'s grouped axis "
+                f"({w.shape[-1]}); choose a group size that divides it"
+            )
+
+
+def converted_config(config: dict, quantization: Optional[dict], layout: str) -> dict:
+    """The source config plus what mlx-lm needs. Two fields move, both kept:
+    the source's `quantization` block (mlx-lm reads that key as its own) goes to
+    `source_quantization`, and `rope_scaling` + `rope_theta` are written as one
+    transformers-5 `rope_parameters` block, because transformers 5 fails to
+    read a `rope_scaling` config it does not know, which breaks mlx-lm's
+    tokenizer loading."""
+    out = {k: v for k, v in config.items() if k not in ("quantization", "rope_scaling")}
+    if "quantization" in config:
+        out["source_quantization"] = config["quantization"]
+    if rope := rope_block(config):
+        out["rope_parameters"] = {**rope, "rope_theta": config.get("rope_theta", 500000.0)}
+    if quantization:
+        out["quantization"] = quantization
+        out["quantization_config"] = quantization
+    out["model_file"] = MODEL_FILE
+    out["source_layout"] = layout
+    return out
+
+
+def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, out / name)
+            copied.append(name)
+    tc = out / "tokenizer_config.json"
+    if tc.exists():
+        # Llama-3's cleanup turns `SELECT ?s` into `SELECT?s`; the model was not
+        # trained to expect it, so decode verbatim.
+        cfg = json.loads(tc.read_text())
+        cfg["clean_up_tokenization_spaces"] = False
+        tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return copied
+
+
+def _resolve_source(source: str, revision: Optional[str]):
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, None
+    if looks_like_repo_id(source):
+        local, commit = fetch_checkpoint(source, revision)
+        return local, commit
+    raise UserError(f"{source} is neither an existing path nor a Hub repo id (org/name)")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
+            q_bits: int = 4, q_group_size: int = 32, force: bool = False,
+            revision: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            progress: bool = True) -> Path:
+    """Convert a MobileMoE checkpoint into an MLX directory at `out`.
+
+    Args:
+        source: a checkpoint directory, a weights file (.safetensors, .pt, .pth,
+            .bin; config.json beside it), or a Hub repo id.
+        out: the directory to create. It is written under a temporary name and
+            renamed when complete, so a failed run leaves nothing at `out`.
+        dtype: float16, bfloat16 or float32 for every floating tensor except the
+            router (always float32). Default: float16 for QAT checkpoints (their
+            scales are fp16), the checkpoint's own dtype otherwise.
+        quantize: quantize linears, embedding and experts (the default). A QAT
+            checkpoint with q_bits=4, q_group_size=its own is copied bit for bit.
+        force: replace an existing `out`.
+        revision: Hub branch, tag or commit.
+    Returns:
+        The output directory.
+    """
+    out_path = Path(out).expanduser()
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path} already exists; pass --force to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
+
+    src_path, commit = _resolve_source(source, revision)
+    config, tensors = open_checkpoint(src_path)
+    validate_config(config)
+    layout = detect_layout(tensors)
+    qat_group = _qat_group_size(config) if layout == QAT else 32
+    weights = model_weights(config)
+    check_source(weights, layout, tensors, qat_group)
+    if quantize:
+        _check_group_size(weights, q_group_size, q_bits)
+    if dtype is None:
+        embed = tensors.info.get("model.embed_tokens.weight")
+        dtype = {"BF16": "bfloat16", "F32": "float32"}.get(embed.dtype if embed else "", "float16")
+    if layout == QAT and dtype == "bfloat16" and quantize:
+        print("warning: bfloat16 cannot hold the checkpoint's fp16 scales exactly; "
+              "use float16 or float32 to keep the weights bit-exact", file=sys.stderr)
+
+    converter = _Converter(tensors, layout, DTYPES[dtype], quantize, q_bits, q_group_size, qat_group)
+    groups = [Group(converter.specs(w), lambda w=w: converter.produce(w)) for w in weights]
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        from huggingface_hub.utils import tqdm
+
+        with tqdm(total=len(groups), desc="converting", unit="tensor",
+                  disable=not progress) as bar:
+            files = write_model(tmp, groups, max_shard_bytes, bar.update)
+        quantization = ({"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+                        if quantize else None)
+        cfg = converted_config(config, quantization, layout)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        shutil.copy2(Path(__file__).with_name("model.py"), tmp / MODEL_FILE)
+        tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
+        copied = _copy_tokenizer(tokenizer_dir, tmp)
+        report = {
+            "converter": f"mobilemoe-mlx {__version__}", "source": source,
+            "revision": commit, "layout": layout, "dtype": dtype,
+            "quantization": quantization,
+            "bit_exact_int4": converter.carry_qat,
+            "weights_bytes": sum((tmp / f).stat().st_size for f in files),
+            "max_abs_quantization_error": converter.errors,
+        }
+        (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
+        if "tokenizer.json" not in copied:
+            print(f"warning: no tokenizer.json beside the checkpoint; copy the tokenizer "
+                  f"files into {out_path} before loading it", file=sys.stderr)
+        _replace_dir(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_path

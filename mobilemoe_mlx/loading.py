@@ -1,0 +1,98 @@
+"""`load()`: a converted directory, or any checkpoint converted once into the cache."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.nn as nn
+
+from .errors import UserError
+from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
+
+
+def is_converted(path: Path) -> bool:
+    config = path / "config.json"
+    return path.is_dir() and config.exists() and "source_layout" in json.loads(config.read_text())
+
+
+def load_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's tokenizer wrapper for a converted directory.
+
+    An empty transformers config is handed in so transformers never parses the
+    model's own config.json (transformers 5 cannot, see spec section 3)."""
+    if not (path / "tokenizer.json").exists():
+        raise UserError(
+            f"{path} has no tokenizer.json; copy the checkpoint's tokenizer files there"
+        )
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+    from transformers import PretrainedConfig
+
+    return load_mlx_tokenizer(path, {"config": PretrainedConfig()}, eos_token_ids=eos_token_ids)
+
+
+def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
+    """The model of a converted directory, through mlx-lm's own loader."""
+    from mlx_lm.utils import load_model
+
+    from .model import Model, ModelArgs
+
+    return load_model(
+        path, lazy=lazy, model_config={"model_file": None},
+        get_model_classes=lambda config: (Model, ModelArgs),
+    )
+
+
+def _local_cache_dir(path: Path) -> Path:
+    """Keyed by absolute path, size and modification time: a changed file converts again."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    key = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_root() / "local" / key.hexdigest()[:16]
+
+
+def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
+                      progress: bool = True) -> Path:
+    """A converted directory for any source, converting into the cache once."""
+    from .convert import convert
+
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if is_converted(path):
+            return path
+        target = _local_cache_dir(path)
+    elif looks_like_repo_id(path_or_repo):
+        target = converted_cache_dir(path_or_repo, resolve_revision(path_or_repo, revision))
+    else:
+        raise UserError(f"{path_or_repo} is neither an existing path nor a Hub repo id (org/name)")
+    if is_converted(target):
+        if progress:
+            print(f"using the converted model cached at {target}", file=sys.stderr)
+        return target
+    if progress:
+        print(f"converting {path_or_repo} once into {target}", file=sys.stderr)
+    return convert(path_or_repo, str(target), revision=revision, force=True, progress=progress)
+
+
+def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
+         progress: bool = True):
+    """Load a MobileMoE model and its tokenizer.
+
+    Args:
+        path_or_repo: a converted MLX directory, an unconverted checkpoint
+            (directory or weights file), or a Hub repo id such as
+            ``facebook/MobileMoE-S-QAT``. Unconverted sources are converted once
+            into the cache ($MOBILEMOE_MLX_HOME, else ~/.cache/mobilemoe-mlx),
+            keyed by repo and commit (or by path and file times).
+        revision: Hub branch, tag or commit.
+        lazy: leave weights on disk until first use.
+    Returns:
+        ``(model, tokenizer)``: an mlx-lm compatible model and mlx-lm's
+        TokenizerWrapper, ready for ``mlx_lm.generate`` / ``stream_generate``.
+    """
+    path = resolve_converted(path_or_repo, revision, progress)
+    model, config = load_converted(path, lazy)
+    return model, load_tokenizer(path, config.get("eos_token_id"))

@@ -1,0 +1,55 @@
+"""INT4 formats: the released QAT packing and MLX's affine quantization.
+
+Released QAT tensors (spec section 3): value = q * scale, q in [-8, 7], groups
+of 32 along the last axis, two's-complement nibbles, two per byte, the even
+index in the low nibble. MLX's affine format stores w = scale * u + bias with
+u in [0, 15], eight nibbles per little-endian uint32, element 0 lowest.
+
+With u = q + 8 and bias = -8 * scale both describe the same numbers, and
+u = q + 8 (mod 16) is q with its top bit flipped. So the packed bytes, read
+as uint32 words with every nibble's bit 3 flipped, are MLX's weights as they
+are: no unpacking, no rounding.
+"""
+
+from typing import Tuple
+
+import mlx.core as mx
+
+_FLIP_SIGN_BITS = 0x88888888  # bit 3 of each of the eight nibbles in a word
+
+
+def qat_to_mlx(qweight: mx.array, scale: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """Released packed INT4 (uint8 [..., n/2], fp16 scales [..., n/g]) to MLX
+    affine 4-bit (uint32 [..., n/8], scales, biases), bit for bit."""
+    words = mx.contiguous(qweight).view(mx.uint32)
+    weight = mx.bitwise_xor(words, mx.array(_FLIP_SIGN_BITS, dtype=mx.uint32))
+    # -8 * scale only shifts the exponent: exact in the scale's own dtype.
+    return weight, scale, -8 * scale
+
+
+def unpack_qat(qweight: mx.array) -> mx.array:
+    """The signed integers q in [-8, 7] of a packed uint8 tensor, as int8 [..., n]."""
+    low = qweight & 0x0F
+    high = qweight >> 4
+    nibbles = mx.stack([low, high], axis=-1).reshape(*qweight.shape[:-1], -1)
+    return (nibbles.astype(mx.int8) ^ 8) - 8  # two's complement of a nibble
+
+
+def dequantize_qat(qweight: mx.array, scale: mx.array) -> mx.array:
+    """q * scale in float32, where every product is exact."""
+    q = unpack_qat(qweight).astype(mx.float32)
+    group = q.shape[-1] // scale.shape[-1]
+    grouped = q.reshape(*scale.shape, group) * scale.astype(mx.float32)[..., None]
+    return grouped.reshape(q.shape)
+
+
+def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype):
+    """MLX affine quantization computed in float32, scales stored in `dtype`.
+
+    Returns (weight, scales, biases, max abs error of the stored result)."""
+    w32 = w.astype(mx.float32)
+    weight, scales, biases = mx.quantize(w32, group_size, bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    restored = mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                             group_size, bits)
+    return weight, scales, biases, mx.abs(restored - w32).max()

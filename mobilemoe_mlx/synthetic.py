@@ -1,0 +1,141 @@
+"""Synthetic checkpoints: random weights in a released layout at any preset's shape.
+
+Latency and memory do not depend on weight values, so the benchmark and the
+tests run on these where the gated real checkpoints cannot be had. The config
+says `"synthetic": true`; the tokenizer is a small byte-level BPE with the
+Llama-3 special tokens and chat template.
+
+    python -m mobilemoe_mlx.synthetic --preset S --layout qat --out DIR
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import click
+import mlx.core as mx
+
+from .config import preset_config
+from .errors import UserError, run_cli
+from .layout import BIAS, EXPERTS, FUSED, NORM, QAT, ROUTER, model_weights, source_tensors
+from .safetensors_writer import Group, write_shard
+
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>"]
+BOS_ID, EOS_IDS = 0, [1, 2]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A mixture of experts routes
+each token to a few small feed-forward networks chosen by a router. Phones have
+little memory and slow storage, so models for them must be small and quantized.
+def add(a, b):\n    return a + b\nSELECT ?s WHERE { ?s a ?o } 12345 67890 + - * / = ( ) [ ]
+Hello! How are you today? I am fine, thank you. What is the capital of France?
+Paris is the capital of France. Water boils at 100 degrees Celsius at sea level."""
+
+
+def write_tokenizer(out: Path, vocab_size: int, with_chat_template: bool = True) -> None:
+    """A small byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 500), special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": True,  # as released; the converter turns it off
+        "model_max_length": 8192,
+    }
+    if with_chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _random_tensor(kind: str, role: str, shape, dtype: str, fan_in: int,
+                   key: mx.array) -> mx.array:
+    if kind == NORM:
+        return mx.ones(shape, dtype=mx.bfloat16)
+    if kind == BIAS:
+        return (0.01 * mx.random.normal(shape, key=key)).astype(mx.bfloat16)
+    if role == "qweight":  # uniform nibbles: q uniform in [-8, 7]
+        return mx.random.randint(0, 256, shape, dtype=mx.uint32, key=key).astype(mx.uint8)
+    if role == "scale":  # q has std ~4.6, so this gives weights of std ~1/sqrt(fan_in)
+        return mx.full(shape, 1 / (4.6 * math.sqrt(fan_in)), dtype=mx.float16)
+    std = 0.02 if kind == ROUTER else 1 / math.sqrt(fan_in)
+    out = std * mx.random.normal(shape, key=key)
+    return out if dtype == "F32" else out.astype(mx.bfloat16)
+
+
+def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int = 0,
+                    force: bool = False) -> Path:
+    """Write a random checkpoint in the released `layout` (qat or bf16) at `preset`'s shape."""
+    out_path = Path(out)
+    if layout not in (QAT, FUSED):
+        raise UserError(f"--layout must be {QAT} or {FUSED}, not {layout}")
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path} already exists; pass --force to replace it")
+    config = preset_config(preset)
+    config.update(bos_token_id=BOS_ID, eos_token_id=EOS_IDS, synthetic=True,
+                  synthetic_note="random weights for tests and benchmarks; not a trained model")
+    if layout == QAT:
+        config["quantization"] = {
+            "format": "mobilemoe-int4-g32", "group_size": 32, "embedding_group_size": 32,
+            "qmin": -8, "qmax": 7, "symmetric": True, "scale_dtype": "float16",
+            "packed": True}
+
+    groups = []
+    key = mx.random.key(seed)
+    for w in model_weights(config):
+        specs, makers = {}, {}
+        for role, exp in source_tensors(w, layout).items():
+            key, sub = mx.random.split(key)
+            dtype = "F32" if w.kind == ROUTER else exp.dtypes[0]
+            mx_dtype = {"U8": mx.uint8, "F16": mx.float16, "F32": mx.float32}.get(dtype, mx.bfloat16)
+            fan_in = w.shape[1] if w.kind == EXPERTS else w.shape[-1]
+            specs[exp.name] = (exp.shape, mx_dtype)
+            makers[exp.name] = (w.kind, role, exp.shape, dtype, fan_in, sub)
+        groups.append(Group(specs, lambda m=makers: {
+            n: _random_tensor(*args) for n, args in m.items()}))
+
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_shard(tmp / "model.safetensors", groups, fmt="pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(tmp, config["vocab_size"])
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        tmp.rename(out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_path
+
+
+@click.command()
+@click.option("--preset", default="tiny", show_default=True, help="S, M, L or tiny.")
+@click.option("--layout", default=QAT, show_default=True, type=click.Choice([QAT, FUSED]))
+@click.option("--out", required=True, help="Directory to create.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def main(preset, layout, out, seed, force, verbose):
+    """Write a random MobileMoE checkpoint in a released layout."""
+    run_cli(lambda: click.echo(write_synthetic(out, preset, layout, seed, force)), verbose)
+
+
+if __name__ == "__main__":
+    main()
