@@ -1,0 +1,69 @@
+"""load(): converted directories directly, anything else converted once into the cache."""
+
+import shutil
+
+import mlx.core as mx
+import pytest
+
+from mobilemoe_mlx import convert, load
+from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.synthetic import write_synthetic
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    home = tmp_path / "cache"
+    monkeypatch.setenv("MOBILEMOE_MLX_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_synthetic(str(tmp_path_factory.mktemp("ckpt") / "qat"), "tiny", "qat")
+
+
+def test_unconverted_checkpoint_is_converted_once(checkpoint, cache, capsys):
+    model, tokenizer = load(str(checkpoint))
+    first = capsys.readouterr().err
+    assert "converting" in first
+    converted = [p for p in cache.rglob("config.json")]
+    assert len(converted) == 1
+    stamp = {p: p.stat().st_mtime_ns for p in converted[0].parent.iterdir()}
+
+    ids = mx.array([tokenizer.encode("Hello world")])
+    logits = model(ids)
+    model2, _ = load(str(checkpoint))
+    assert "using the converted model cached" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in converted[0].parent.iterdir()} == stamp
+    assert mx.array_equal(logits, model2(ids))
+
+
+def test_changed_checkpoint_converts_again(checkpoint, cache, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint, src)
+    load(str(src))
+    (src / "config.json").write_text((src / "config.json").read_text() + "\n")
+    capsys.readouterr()
+    load(str(src))
+    assert "converting" in capsys.readouterr().err
+    assert len(list((cache / "local").iterdir())) == 2
+
+
+def test_single_weights_file(checkpoint, cache):
+    model, tokenizer = load(str(checkpoint / "model.safetensors"))
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+def test_converted_directory_loads_without_the_cache(checkpoint, cache, tmp_path):
+    out = convert(str(checkpoint), str(tmp_path / "mlx"), dtype="float32", progress=False)
+    model, tokenizer = load(str(out))
+    assert not cache.exists()
+    assert tokenizer.eos_token_ids == {1, 2}
+    assert model.model.embed_tokens.weight.dtype == mx.uint32  # still INT4
+
+
+def test_missing_tokenizer_is_a_clear_error(checkpoint, cache, tmp_path):
+    out = convert(str(checkpoint), str(tmp_path / "mlx"), dtype="float32", progress=False)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        load(str(out))
