@@ -100,8 +100,7 @@ class _Converter:
         if not self.quantize:
             return {f"{w.path}.weight": full.astype(self.dtype)}
         weight, scales, biases, err = packing.quantize(full, self.group_size, self.bits, self.dtype)
-        mx.eval(err)
-        self.errors[w.path] = err.item()
+        self.errors[w.path] = err
         return {f"{w.path}.weight": weight, f"{w.path}.scales": scales,
                 f"{w.path}.biases": biases}
 

@@ -43,13 +43,27 @@ def dequantize_qat(qweight: mx.array, scale: mx.array) -> mx.array:
     return grouped.reshape(q.shape)
 
 
-def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype):
+def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype,
+             chunk_elements: int = 1 << 22):
     """MLX affine quantization computed in float32, scales stored in `dtype`.
 
+    Works through the rows in chunks so the float32 temporaries stay small
+    (a whole embedding in float32, plus its round trip, would be gigabytes).
     Returns (weight, scales, biases, max abs error of the stored result)."""
-    w32 = w.astype(mx.float32)
-    weight, scales, biases = mx.quantize(w32, group_size, bits)
-    scales, biases = scales.astype(dtype), biases.astype(dtype)
-    restored = mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
-                             group_size, bits)
-    return weight, scales, biases, mx.abs(restored - w32).max()
+    *lead, last = w.shape
+    rows = w.reshape(-1, last)
+    step = max(1, chunk_elements // last)
+    parts, max_error = [], 0.0
+    for start in range(0, rows.shape[0], step):
+        w32 = rows[start:start + step].astype(mx.float32)
+        q, scales, biases = mx.quantize(w32, group_size, bits)
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+        restored = mx.dequantize(q, scales.astype(mx.float32), biases.astype(mx.float32),
+                                 group_size, bits)
+        error = mx.abs(restored - w32).max()
+        mx.eval(q, scales, biases, error)
+        parts.append((q, scales, biases))
+        max_error = max(max_error, error.item())
+    weight, scales, biases = (
+        mx.concatenate([p[i] for p in parts]).reshape(*lead, -1) for i in range(3))
+    return weight, scales, biases, max_error
