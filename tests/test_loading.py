@@ -67,3 +67,15 @@ def test_missing_tokenizer_is_a_clear_error(checkpoint, cache, tmp_path):
     (out / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="no tokenizer.json"):
         load(str(out))
+
+
+def test_sharded_output_loads_like_a_single_file(checkpoint, tmp_path):
+    single = convert(str(checkpoint), str(tmp_path / "one"), dtype="float32", progress=False)
+    sharded = convert(str(checkpoint), str(tmp_path / "many"), dtype="float32",
+                      progress=False, max_shard_bytes=40_000)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").exists()
+    ids = mx.array([[5, 6, 7, 8]])
+    a, _ = load(str(single))
+    b, _ = load(str(sharded))
+    assert mx.array_equal(a(ids), b(ids))
