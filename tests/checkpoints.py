@@ -1,0 +1,290 @@
+"""Writers of tiny MobileMoE checkpoints in the *released* layouts.
+
+The tensor names are written out here from the table in docs/mobilemoe-spec.md
+section 3, on purpose without importing mobilemoe_mlx.layout: these files are
+an independent check of the converter's name table.
+
+Every writer returns a `Checkpoint`: where it is, its config, and the float64
+weights (bf16-layout names, fused experts) that tests/reference.py should run,
+i.e. exactly the values stored (bf16-rounded, or q * scale for QAT).
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from reference import QAT_GROUP, pack_int4
+from safetensors.torch import save_file
+
+from mobilemoe_mlx.config import preset_config
+from mobilemoe_mlx.synthetic import write_tokenizer
+
+# The synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>, 2 <|eot_id|>.
+BOS, EOS = 0, [1, 2]
+
+QAT_BLOCK = {
+    "format": "mobilemoe-int4-g32", "group_size": 32, "embedding_group_size": 32,
+    "qmin": -8, "qmax": 7, "symmetric": True, "scale_dtype": "float16", "packed": True,
+    "linear_group_axis": "in (last dim of [out, in])",
+    "expert_group_axis": "out (last dim of [E, in, out])",
+}
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # what to hand the converter (a directory or a weights file)
+    config: dict
+    weights: Dict[str, np.ndarray]  # float64, bf16-layout names, fused experts
+    # QAT only: bf16-layout name -> (q int8 [..., n], scale float16 [..., n/32])
+    qat: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def tiny_config() -> dict:
+    """The tiny preset, with original_max_position_embeddings lowered to 64 so
+    that the llama3 frequency scaling changes rotations visibly within a
+    16-token test sequence (at 8192 it only touches frequencies too low to
+    matter at such short positions)."""
+    config = preset_config("tiny")
+    config["rope_scaling"] = dict(config["rope_scaling"], original_max_position_embeddings=64)
+    config.update(bos_token_id=BOS, eos_token_id=EOS)
+    return config
+
+
+def _layer_names(i: int) -> Dict[str, str]:
+    p = f"model.layers.{i}"
+    return {
+        "q": f"{p}.self_attn.q_proj.weight",
+        "k": f"{p}.self_attn.k_proj.weight",
+        "v": f"{p}.self_attn.v_proj.weight",
+        "o": f"{p}.self_attn.o_proj.weight",
+        "ln1": f"{p}.input_layernorm.weight",
+        "ln2": f"{p}.post_attention_layernorm.weight",
+        "router": f"{p}.feed_forward.router.weight",
+        "bias": f"{p}.feed_forward.expert_bias",
+        "gate_up": f"{p}.feed_forward.experts.gate_up_proj",
+        "down": f"{p}.feed_forward.experts.down_proj",
+        "sg": f"{p}.feed_forward.shared_expert.gate_proj.weight",
+        "su": f"{p}.feed_forward.shared_expert.up_proj.weight",
+        "sd": f"{p}.feed_forward.shared_expert.down_proj.weight",
+    }
+
+
+def _shapes(config: dict):
+    """(name, kind, shape, fan_in) for every tensor, in bf16-layout names."""
+    d, v = config["hidden_size"], config["vocab_size"]
+    hd = config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    e, i, s = (config["num_local_experts"], config["intermediate_size"],
+               config["intermediate_size_mlp"])
+    out = [("model.embed_tokens.weight", "embedding", (v, d), d)]
+    for n in range(config["num_hidden_layers"]):
+        nm = _layer_names(n)
+        out += [
+            (nm["ln1"], "norm", (d,), d),
+            (nm["q"], "linear", (q, d), d),
+            (nm["k"], "linear", (kv, d), d),
+            (nm["v"], "linear", (kv, d), d),
+            (nm["o"], "linear", (d, q), q),
+            (nm["ln2"], "norm", (d,), d),
+            (nm["router"], "router", (e, d), d),
+            (nm["bias"], "bias", (e,), e),
+            (nm["gate_up"], "experts", (e, d, 2 * i), d),
+            (nm["down"], "experts", (e, i, d), i),
+            (nm["sg"], "linear", (s, d), d),
+            (nm["su"], "linear", (s, d), d),
+            (nm["sd"], "linear", (d, s), s),
+        ]
+    out.append(("model.norm.weight", "norm", (d,), d))
+    return out
+
+
+def _bf16(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float32).numpy().astype(np.float64)
+
+
+# How much the residual stream carried from the embedding outweighs each
+# layer's update (variance ratio). Random networks with discrete top-k routing
+# are far more chaotic than trained ones; with every weight at the same scale a
+# perturbation of a few percent flips routing choices and moves the logits a
+# lot. A residual-dominant init is closer to how trained models behave.
+RESIDUAL_RATIO = 3.0
+
+
+def _std(name: str, kind: str, fan_in: int) -> float:
+    std = 1.0 / math.sqrt(fan_in)
+    if kind == "embedding":
+        std *= math.sqrt(RESIDUAL_RATIO)
+    elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+        std /= math.sqrt(RESIDUAL_RATIO)
+    return std
+
+
+def _int4_grid(rng, shape, std: float):
+    """q in [-8, 7] (every group of 32 holds both -8 and 7) and per-group
+    scales giving weights of about `std`."""
+    groups = (*shape[:-1], shape[-1] // QAT_GROUP)
+    q = rng.integers(-8, 8, (*groups, QAT_GROUP))
+    q[..., 0], q[..., 1] = -8, 7
+    q = rng.permuted(q, axis=-1).reshape(shape).astype(np.int8)
+    scale = rng.uniform(0.7, 1.3, groups) * std / 4.6  # q has std ~4.6
+    return q, scale
+
+
+def _times_scale(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float64).reshape(*scale.shape, QAT_GROUP)
+            * scale.astype(np.float64)[..., None]).reshape(q.shape)
+
+
+def _dense_value(rng, name: str, kind: str, shape, fan_in: int) -> np.ndarray:
+    if kind == "norm":  # around 1, but not 1, so a dropped norm weight shows
+        value = rng.uniform(0.6, 1.4, shape)
+        # keep logits O(1) with the larger tied embedding
+        return value / math.sqrt(RESIDUAL_RATIO) if name == "model.norm.weight" else value
+    if kind == "bias":  # small but able to change some choices
+        return rng.normal(0.0, 0.08, shape)
+    if kind == "router":  # router logits O(2): well separated sigmoid scores
+        return rng.normal(0.0, 2.0 / math.sqrt(fan_in), shape)
+    return rng.normal(0.0, _std(name, kind, fan_in), shape)
+
+
+def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, np.ndarray]]:
+    """Random bf16-layout tensors (router float32, everything else bf16) and
+    their float64 values.
+
+    The embedding, linears and experts lie on a per-group INT4 grid (groups of
+    32 along the axis the INT4 format groups: the last axis of [out, in] and of
+    [E, in, out]) up to bf16 rounding, as a bf16 export of quantization-aware
+    trained weights would. Quantizing them to INT4 g32 along the right axis
+    then loses about bf16's rounding only, while a wrong grouping axis or
+    layout loses ~8% per weight; with generic Gaussian weights both lose ~8%
+    and the two cannot be told apart by the logits.
+    """
+    rng = np.random.default_rng(seed)
+    tensors, ref = {}, {}
+    for name, kind, shape, fan_in in _shapes(config):
+        if kind in ("embedding", "linear", "experts"):
+            q, scale = _int4_grid(rng, shape, _std(name, kind, fan_in))
+            t = _bf16(_times_scale(q, scale))
+        elif kind == "router":
+            t = torch.from_numpy(_dense_value(rng, name, kind, shape, fan_in).astype(np.float32))
+        else:
+            t = _bf16(_dense_value(rng, name, kind, shape, fan_in))
+        tensors[name] = t
+        ref[name] = _f64(t)
+    return tensors, ref
+
+
+def _qat_name(name: str, kind: str) -> Tuple[str, str]:
+    if kind == "experts":  # experts.gate_up_proj -> experts.gate_up_qweight / gate_up_scale
+        base = name[: -len("_proj")]
+        return f"{base}_qweight", f"{base}_scale"
+    base = name[: -len(".weight")]
+    return f"{base}.qweight", f"{base}.weight_scale"
+
+
+def _write_common(out: Path, config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(out, config["vocab_size"])
+
+
+def write_qat(out: Path, seed: int = 1) -> Checkpoint:
+    """(a) QAT: packed INT4 + fp16 scales in one model.safetensors."""
+    config = tiny_config()
+    config["quantization"] = dict(QAT_BLOCK)
+    rng = np.random.default_rng(seed)
+    tensors, ref, qat = {}, {}, {}
+    for name, kind, shape, fan_in in _shapes(config):
+        if kind in ("embedding", "linear", "experts"):
+            q, scale = _int4_grid(rng, shape, _std(name, kind, fan_in))
+            scale = scale.astype(np.float16)
+            qname, sname = _qat_name(name, kind)
+            tensors[qname] = torch.from_numpy(pack_int4(q))
+            tensors[sname] = torch.from_numpy(scale)
+            ref[name] = _times_scale(q, scale)
+            qat[name] = (q, scale)
+            continue
+        value = _dense_value(rng, name, kind, shape, fan_in)
+        t = torch.from_numpy(value.astype(np.float32)) if kind == "router" else _bf16(value)
+        tensors[name] = t
+        ref[name] = _f64(t)
+    _write_common(out, config)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return Checkpoint(out, config, ref, qat)
+
+
+def write_bf16(out: Path, seed: int = 1) -> Checkpoint:
+    """(b) bf16 with fused experts, one model.safetensors."""
+    config = tiny_config()
+    tensors, ref = bf16_tensors(config, seed)
+    _write_common(out, config)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return Checkpoint(out, config, ref)
+
+
+def per_expert_tensors(config: dict, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Fused experts split into `experts.{j}.{gate,up,down}_proj.weight`, each [out, in]."""
+    i = config["intermediate_size"]
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("experts.gate_up_proj"):
+            parent = name[: -len(".gate_up_proj")]
+            for j in range(t.shape[0]):
+                out[f"{parent}.{j}.gate_proj.weight"] = t[j, :, :i].T.contiguous()
+                out[f"{parent}.{j}.up_proj.weight"] = t[j, :, i:].T.contiguous()
+        elif name.endswith("experts.down_proj"):
+            parent = name[: -len(".down_proj")]
+            for j in range(t.shape[0]):
+                out[f"{parent}.{j}.down_proj.weight"] = t[j].T.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def write_bf16_per_expert(out: Path, seed: int = 1) -> Checkpoint:
+    """(c) bf16 with one [out, in] tensor per expert projection."""
+    config = tiny_config()
+    tensors, ref = bf16_tensors(config, seed)
+    _write_common(out, config)
+    save_file(per_expert_tensors(config, tensors), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return Checkpoint(out, config, ref)
+
+
+def write_pickle(out: Path, wrapper: str, prefix: str, filename: str, seed: int = 1,
+                 as_file: bool = False) -> Checkpoint:
+    """(d) a PyTorch pickle {wrapper: {prefix + name: tensor}}; `as_file` hands
+    the converter the weights file itself rather than its directory."""
+    config = tiny_config()
+    tensors, ref = bf16_tensors(config, seed)
+    _write_common(out, config)
+    torch.save({wrapper: {prefix + k: v for k, v in tensors.items()}, "step": 7}, out / filename)
+    return Checkpoint(out / filename if as_file else out, config, ref)
+
+
+def write_sharded(out: Path, seed: int = 1, shards: int = 3) -> Checkpoint:
+    """(e) bf16 fused experts over several safetensors files plus
+    model.safetensors.index.json."""
+    config = tiny_config()
+    tensors, ref = bf16_tensors(config, seed)
+    _write_common(out, config)
+    names = list(tensors)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}  # interleaved: layers span files
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return Checkpoint(out, config, ref)
