@@ -1,0 +1,422 @@
+"""A chat session over mlx-lm's generation, with the KV cache kept across turns.
+
+`ChatSession.ask()` renders the conversation with the tokenizer's chat
+template, feeds the model only the tokens its cache does not hold yet, and
+streams the answer through mlx-lm's `stream_generate`: sampling, logits
+processors, the prompt cache, the quantized KV cache and speculative decoding
+are all mlx-lm's. The terminal around it is chat_commands.py.
+
+How the cache is kept (the part that is easy to get wrong):
+- `cache_tokens` is exactly what the KV cache holds; after every answer it is
+  re-read from the caches' offsets, so an interrupted answer, a stop token fed
+  or not, or a speculative rewind can never leave the two out of step.
+- `history_text` / `history_tokens` are the rendered conversation so far and
+  the tokens that stand for it: the answer's own tokens, not a re-encoding of
+  its text (a re-encoding can differ and would re-prefill the whole answer).
+- A turn's prompt is `history_tokens` + the encoded text the template adds for
+  the new message. The cache is trimmed to the longest prefix it shares with
+  that, and only the rest is prefilled; a changed system prompt or dropped
+  turns thus re-prefill only from the first token that differs.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import UserError
+
+SIZES = ("S", "M", "L")
+VARIANTS = {"qat": "QAT", "sft": "SFT", "base": "Base"}
+STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
+
+
+def model_source(model: str, variant: Optional[str] = None) -> str:
+    """`S`, `M` or `L` -> the released repo of `variant` (default qat); anything else as given."""
+    if model.upper() in SIZES and not Path(model).exists():
+        return f"facebook/MobileMoE-{model.upper()}-{VARIANTS[variant or 'qat']}"
+    if variant is not None:
+        raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
+    return model
+
+
+def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,
+                    progress: bool = True):
+    """`load()` plus what chat needs: a chat template (unless `raw`), every stop
+    token, and decoding without `clean_up_tokenization_spaces`."""
+    from .loading import load
+
+    model, tokenizer = load(source, revision=revision, lazy=True, progress=progress)
+    if not raw and not tokenizer.has_chat_template:
+        raise UserError(
+            f"{source} has no chat template (Base checkpoints have none): add --raw to "
+            "continue plain text instead, or pick an instruction-tuned model (--variant qat or sft)"
+        )
+    mx.eval(model.parameters())
+    vocab = tokenizer.get_vocab()
+    for token in STOP_TOKENS:
+        if token in vocab:
+            tokenizer.add_eos_token(token)
+    # `SELECT ?s` must not come out as `SELECT?s` (spec section 3).
+    tokenizer._tokenizer.clean_up_tokenization_spaces = False
+    return model, tokenizer
+
+
+class ExpertLog:
+    """The routed experts each layer chose, recorded while `active`.
+
+    Each layer's `feed_forward.experts` gets a subclass of its own class whose
+    `__call__` keeps a reference to the `indices` the router hands it: nothing is
+    recomputed, parameters and results are unchanged.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.active = False
+        self.num_experts = num_experts
+        self.calls: List[List[mx.array]] = [[] for _ in range(num_layers)]
+
+    @classmethod
+    def install(cls, model) -> Optional["ExpertLog"]:
+        try:
+            experts = [layer.feed_forward.experts for layer in model.layers]
+        except AttributeError:
+            return None
+        if existing := getattr(type(experts[0]), "expert_log", None):
+            return existing
+        log = cls(len(experts), model.args.num_local_experts)
+        for i, module in enumerate(experts):
+            base = type(module)
+
+            def call(self, x, indices, *args, _base=base, _i=i, **kwargs):
+                if log.active:
+                    log.calls[_i].append(indices)
+                return _base.__call__(self, x, indices, *args, **kwargs)
+
+            module.__class__ = type(f"Logged{base.__name__}", (base,),
+                                    {"__call__": call, "expert_log": log})
+        return log
+
+    def start(self) -> None:
+        self.calls = [[] for _ in self.calls]
+        self.active = True
+
+    def stop(self, prompt_tokens: int) -> List[Tuple[int, int]]:
+        """(distinct experts for the answer's tokens, for the prompt's) per layer.
+
+        Tokens pass through a layer in order, so the first `prompt_tokens` rows
+        are the prompt's. With --draft, rejected draft tokens count as answer."""
+        self.active = False
+        counts = []
+        for calls in self.calls:
+            rows = [np.array(c).reshape(-1, c.shape[-1]) for c in calls]
+            rows = np.concatenate(rows) if rows else np.zeros((0, 1), np.uint32)
+            counts.append((len(np.unique(rows[prompt_tokens:])),
+                           len(np.unique(rows[:prompt_tokens]))))
+        self.calls = [[] for _ in self.calls]
+        return counts
+
+
+@dataclass
+class Sampling:
+    temp: float = 0.0  # greedy, as the model card decodes
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    max_tokens: int = 1024
+
+
+@dataclass
+class Turn:
+    """One answer and its numbers."""
+
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)  # the answer's, without the stop token
+    prefilled: int = 0  # prompt tokens fed to the model for this turn
+    finish: str = ""  # "stop", "length", "interrupted" or "skipped"
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    accepted: int = 0  # draft tokens accepted
+    drafted: int = 0  # draft tokens checked by the model
+    experts: Optional[List[Tuple[int, int]]] = None
+    notes: List[str] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def draft_acceptance(from_draft: List[bool], num_draft: int, max_tokens: int) -> Tuple[int, int]:
+    """(accepted, drafted) from the flags of the tokens mlx-lm yielded.
+
+    Each verification round yields the accepted draft tokens, then one token of
+    the model's own; a round drafts min(num_draft, tokens still allowed). A last
+    round cut off by a stop token counts only the draft tokens seen."""
+    accepted = drafted = run = done = 0
+    for flag in from_draft:
+        if flag:
+            run += 1
+        else:
+            drafted += min(num_draft, max_tokens - done)
+            done += run + 1
+            run = 0
+        accepted += flag
+    return accepted, drafted + run
+
+
+class ChatSession:
+    """A conversation with one model: messages, the KV cache and the settings.
+
+    Args:
+        model, tokenizer: from `load_chat_model` (or `mobilemoe_mlx.load`).
+        system: system prompt; `raw`: no template, each message is continued as text.
+        draft_model: a smaller model with the same tokenizer for speculative decoding.
+        max_kv_size: keep at most this many tokens in a rotating cache (mlx-lm's).
+        kv_bits: 4 or 8 to quantize the KV cache from the first token.
+    """
+
+    def __init__(self, model, tokenizer, system: Optional[str] = None, raw: bool = False,
+                 sampling: Optional[Sampling] = None, draft_model=None, num_draft_tokens: int = 3,
+                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None):
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if draft_model is not None and max_kv_size is not None:
+            raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
+        if kv_bits is not None and max_kv_size is not None:
+            raise UserError("mlx-lm has no quantized rotating cache: use --kv-bits or --max-kv-size")
+        self.kv_group = _kv_group_size(model.args.head_dim, kv_bits)
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.system, self.raw = system, raw
+        self.sampling = sampling or Sampling()
+        self.num_draft_tokens, self.max_kv_size, self.kv_bits = num_draft_tokens, max_kv_size, kv_bits
+        self.context = model.args.max_position_embeddings
+        s = self.sampling
+        self._sampler = make_sampler(s.temp, s.top_p, s.min_p, top_k=s.top_k)
+        self._processors = (make_logits_processors(repetition_penalty=s.repetition_penalty)
+                            if s.repetition_penalty else None)
+        self.expert_log = ExpertLog.install(model)
+        self.last: Optional[Turn] = None
+        self._stop_requested = False
+        self.reset()
+
+    # -- state ---------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation and empty the cache; the system prompt stays."""
+        self.messages: List[dict] = []
+        self.history_text, self.history_tokens = "", []
+        self.cache, self.cache_tokens = self._new_cache(), []
+
+    def set_system(self, text: Optional[str]) -> None:
+        """A new system prompt; the next turn re-reads the conversation after it."""
+        self.system = text or None
+
+    def request_stop(self) -> None:
+        """Stop the answer being generated after its current token (safe from a signal handler)."""
+        self._stop_requested = True
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.cache if not c.empty())
+
+    def _new_cache(self) -> list:
+        from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+
+        models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+        if self.kv_bits:
+            # Quantized from the first token (what mlx-lm's quantized_kv_start=0 does);
+            # made here because its speculative path would quantize copies of the list.
+            return [QuantizedKVCache(self.kv_group, self.kv_bits)
+                    for m in models for _ in m.layers]
+        return [c for m in models for c in make_prompt_cache(m, self.max_kv_size)]
+
+    # -- prompts -------------------------------------------------------------
+    def conversation(self, user: Optional[str] = None) -> List[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        new = [{"role": "user", "content": user}] if user is not None else []
+        return system + self.messages + new
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _chat_prompt(self, user: str) -> Tuple[str, List[int]]:
+        text = self._render(self.conversation(user), True)
+        if self.history_text and text.startswith(self.history_text):
+            return text, self.history_tokens + self._encode(text[len(self.history_text):])
+        return text, self._encode(text)
+
+    def _raw_prompt(self, text: str) -> List[int]:
+        tokens = self.tokenizer.encode(text)
+        bos = self.tokenizer.bos_token_id
+        return tokens if bos is None or tokens[:1] == [bos] else [bos] + tokens
+
+    def _fit(self, user: str, turn: Turn) -> Tuple[str, List[int]]:
+        """The turn's prompt, dropping the oldest exchanges while it and room for an
+        answer would not fit the context. The system prompt always stays."""
+        reserve = min(self.sampling.max_tokens, self.context // 4)
+        dropped = 0
+        while True:
+            text, tokens = ("", self._raw_prompt(user)) if self.raw else self._chat_prompt(user)
+            if len(tokens) + reserve <= self.context or not self.messages:
+                break
+            self.messages = self.messages[2:]  # the oldest user message and its answer
+            dropped += 1
+        if dropped:
+            turn.notes.append(
+                f"the conversation would pass the {self.context}-token context: dropped the "
+                f"oldest {dropped} exchange(s), the system prompt stays (/reset starts afresh)")
+        return text, tokens
+
+    # -- a turn --------------------------------------------------------------
+    def ask(self, user: str, on_text: Callable[[str], None] = lambda s: None) -> Turn:
+        """Answer `user`, streaming text to `on_text`; returns the answer and its numbers."""
+        from mlx_lm.generate import stream_generate
+
+        turn = Turn()
+        rendered, target = self._fit(user, turn)
+        room = self.context - len(target)
+        if room < 1:
+            turn.finish = "skipped"
+            turn.notes.append(
+                f"this message makes a {len(target)}-token prompt and the context holds "
+                f"{self.context}: shorten it (or the system prompt), or /reset")
+            return turn
+        max_tokens = min(self.sampling.max_tokens, room)
+
+        keep = self._trim_cache_to(target)
+        new = target[keep:]
+        turn.prefilled = len(new)
+        fed, flags, response, hard_stop = [], [], None, False
+        self._stop_requested = False
+        mx.reset_peak_memory()
+        if self.expert_log:
+            self.expert_log.start()
+        stream = stream_generate(
+            self.model, self.tokenizer, mx.array(new), max_tokens=max_tokens,
+            draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens,
+            sampler=self._sampler, logits_processors=self._processors,
+            prompt_cache=self.cache, prompt_progress_callback=self._check_stop)
+        try:
+            for response in stream:
+                fed.append(response.token)
+                flags.append(response.from_draft)
+                if response.finish_reason != "stop":
+                    turn.tokens.append(response.token)
+                turn.text += response.text
+                on_text(response.text)
+                if self._stop_requested:
+                    break
+        except _Stop:
+            pass
+        except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
+            hard_stop = True
+        finally:
+            stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
+            experts = self.expert_log.stop(len(new)) if self.expert_log else None
+
+        if response is not None:
+            turn.finish = response.finish_reason or "interrupted"
+            turn.generation_tokens = response.generation_tokens
+            turn.prompt_tps, turn.generation_tps = response.prompt_tps, response.generation_tps
+            turn.peak_memory_gb = response.peak_memory
+        else:
+            turn.finish = "interrupted"
+        if self._stop_requested or hard_stop:
+            turn.finish = "interrupted"
+        if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
+            turn.notes.append(f"the answer reached the end of the {self.context}-token "
+                              "context; /reset starts afresh")
+        turn.experts = experts
+        if self.draft_model is not None:
+            turn.accepted, turn.drafted = draft_acceptance(flags, self.num_draft_tokens, max_tokens)
+
+        if hard_stop:
+            self.cache, self.cache_tokens = self._new_cache(), []
+        else:
+            self._sync_cache(self.cache_tokens[:keep] + new + fed)
+        if not self.raw:
+            self._remember(user, rendered, target, turn, fed)
+        self.last = turn
+        return turn
+
+    def _check_stop(self, processed: int, total: int) -> None:
+        # Called by mlx-lm between prefill chunks, when the cache is consistent.
+        if self._stop_requested and processed < total:
+            raise _Stop
+
+    def _remember(self, user: str, rendered: str, target: List[int], turn: Turn,
+                  fed: List[int]) -> None:
+        """Add the exchange to the history, and the tokens that stand for it."""
+        answer = self.tokenizer.decode(turn.tokens)
+        self.messages += [{"role": "user", "content": user},
+                          {"role": "assistant", "content": answer}]
+        after = self._render(self.conversation(), False)
+        if not after.startswith(rendered):  # a template that rewrites earlier turns
+            self.history_text, self.history_tokens = "", []
+            return
+        tail = after[len(rendered):]  # e.g. the answer, trimmed, then <|eot_id|>
+        # Whitespace the template trims off the answer stays as the model wrote it:
+        # that is what the cache holds, and a re-encoding would re-prefill the answer.
+        shown = answer if tail.startswith(answer) else answer.strip()
+        if not tail.startswith(shown):  # the template rewrote the answer: it wins
+            self.history_text, self.history_tokens = after, target + self._encode(tail)
+            return
+        closing = tail[len(shown):]  # what the template adds after it: <|eot_id|>
+        stop = self.tokenizer.decode(fed[-1:]) if turn.finish == "stop" else None
+        tokens = fed if closing == stop else turn.tokens + self._encode(closing)
+        self.history_text, self.history_tokens = after, target + tokens
+
+    def _trim_cache_to(self, target: List[int]) -> int:
+        """Trim the cache to the prefix it shares with `target`; returns its length."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        # At least one token must be fed for the model to produce the next one.
+        keep = min(_common_prefix(self.cache_tokens, target), len(target) - 1)
+        if keep < len(self.cache_tokens):
+            if can_trim_prompt_cache(self.cache):
+                for c in self.cache:
+                    c.trim(c.offset - keep)
+            else:  # a rotating cache that has wrapped around
+                self.cache, keep = self._new_cache(), 0
+            self.cache_tokens = self.cache_tokens[:keep]
+        return keep
+
+    def _sync_cache(self, known: List[int]) -> None:
+        """Make `cache_tokens` what the caches hold: the first min(offset) of `known`."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        offsets = [c.offset for c in self.cache]
+        n = min(min(offsets), len(known))
+        if any(o != n for o in offsets):
+            if can_trim_prompt_cache(self.cache):
+                for c in self.cache:
+                    c.trim(c.offset - n)
+            else:
+                self.cache, n = self._new_cache(), 0
+        self.cache_tokens = known[:n]
+
+
+def _kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
+    if kv_bits is None:
+        return 64
+    if kv_bits not in (4, 8):
+        raise UserError(f"--kv-bits must be 4 or 8, not {kv_bits}")
+    for group in (64, 32):  # the group sizes MLX's quantized attention takes
+        if head_dim % group == 0:
+            return group
+    raise UserError(f"--kv-bits needs a head_dim divisible by 32; this model's is {head_dim}")
