@@ -1,0 +1,6 @@
+"""Prefill, decode and memory benchmarks of MobileMoE against a dense baseline.
+
+    python -m bench run       # measure, write results.json, report.md and plots
+    python -m bench report    # rebuild the report from results.json
+    python -m bench plan      # will a model fit a memory budget at a context?
+"""

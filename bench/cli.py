@@ -1,0 +1,139 @@
+"""`python -m bench`: thin click wrappers over bench.run, bench.report and bench.planner."""
+
+import click
+
+from mobilemoe_mlx.errors import UserError, run_cli
+
+from .harness import Settings
+from .tokens import KINDS
+
+QUICK = dict(models="tiny,pro-tiny", prompt_lengths="16,32", decode_contexts="16,48",
+             gen_tokens=4, repeats=2, warmup=1, routing_tokens=32)
+FULL = dict(models="S,pro", prompt_lengths="512,1024,2048,4096,8192",
+            decode_contexts="256,1024,4096,8192", gen_tokens=128, repeats=5, warmup=1,
+            routing_tokens=1024)
+
+
+def _ints(text: str, option: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} needs positive integers, got {text!r}")
+    return values
+
+
+@click.group()
+def main():
+    """MobileMoE benchmarks: run, report, plan."""
+
+
+@main.command()
+@click.option("--models", help="Comma-separated: S, M, L, tiny, pro, pro-tiny or a converted "
+              "directory. [default: S,pro]")
+@click.option("--prompt-lengths", help="Prefill prompt lengths. [default: 512,...,8192]")
+@click.option("--decode-contexts", help="Contexts to decode at. [default: 256,1024,4096,8192]")
+@click.option("--gen-tokens", type=int, help="Decode tokens per run. [default: 128]")
+@click.option("--repeats", type=int, help="Timed repeats per setting. [default: 5]")
+@click.option("--warmup", type=int, help="Untimed warm-up runs per setting. [default: 1]")
+@click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True,
+              help="Prompt text for the timed runs (routing always compares all three).")
+@click.option("--routing-tokens", type=int,
+              help="Prompt length of the real-vs-dummy routing phase (0: skip). [default: 1024]")
+@click.option("--weights", type=click.Path(), help="A converted MobileMoE directory to use "
+              "instead of synthetic weights (for the one MoE model in --models).")
+@click.option("--out", default="results", show_default=True, help="Output directory.")
+@click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Activation and KV dtype. [default: float16 on Metal, float32 on CPU]")
+@click.option("--bits", type=int, default=4, show_default=True, help="Synthetic weight bits.")
+@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--prefill-step", type=int, default=2048, show_default=True,
+              help="Prefill chunk size (as mlx-lm's prefill_step_size).")
+@click.option("--bandwidth", type=float, help="Memory bandwidth in GB/s for the decode limit "
+              "[default: measured copy bandwidth].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
+def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, prompts,
+        routing_tokens, weights, out, quick, dtype, bits, group_size, prefill_step, bandwidth,
+        seed, no_plots, no_progress, verbose):
+    """Measure prefill, decode and memory; write results.json, report.md, plots."""
+    def go():
+        import mlx.core as mx
+
+        from .run import run_benchmark
+
+        d = QUICK if quick else FULL
+        pick = {k: v for k, v in dict(
+            models=models, prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
+            gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+            routing_tokens=routing_tokens).items() if v is not None}
+        opts = {**d, **pick}
+        if opts["repeats"] < 1 or opts["gen_tokens"] < 1 or opts["warmup"] < 0:
+            raise UserError("--repeats and --gen-tokens must be >= 1, --warmup >= 0")
+        metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
+        s = Settings(
+            prompt_lengths=_ints(opts["prompt_lengths"], "--prompt-lengths"),
+            decode_contexts=_ints(opts["decode_contexts"], "--decode-contexts"),
+            gen_tokens=opts["gen_tokens"], repeats=opts["repeats"], warmup=opts["warmup"],
+            prompts=prompts, prefill_step=prefill_step, routing_tokens=opts["routing_tokens"],
+            dtype=dtype or ("float16" if metal else "float32"), bits=bits,
+            group_size=group_size, seed=seed, bandwidth_gbps=bandwidth)
+        names = [m.strip() for m in opts["models"].split(",") if m.strip()]
+        if not names:
+            raise UserError("--models names no model")
+        run_benchmark(names, s, out, weights=weights, progress=not no_progress,
+                      plots=not no_plots, log=lambda m: click.echo(m, err=True))
+        click.echo(f"wrote {out}/results.json and {out}/report.md")
+
+    run_cli(go, verbose)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--compare", "other", type=click.Path(), help="A second run to put side by side.")
+@click.option("--no-plots", is_flag=True)
+@click.option("--verbose", is_flag=True)
+def report(run_dir, other, no_plots, verbose):
+    """Rebuild RUN_DIR/report.md (and plots) from RUN_DIR/results.json."""
+    def go():
+        from .report import write_comparison, write_report
+
+        click.echo(f"wrote {write_report(run_dir, plots=not no_plots)}")
+        if other:
+            click.echo(f"wrote {write_comparison(run_dir, other)}")
+
+    run_cli(go, verbose)
+
+
+@main.command()
+@click.option("--model", default="S", show_default=True,
+              help="S, M, L, tiny, pro or a directory with a config.json.")
+@click.option("--context", type=int, default=8192, show_default=True)
+@click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,
+              help="KV cache bits (16: float16, unquantized).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits.")
+@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--budget-gb", type=float, multiple=True, help="Extra budgets to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--verbose", is_flag=True)
+def plan(model, context, kv_bits, bits, group_size, budget_gb, as_json, verbose):
+    """Weights + KV cache + working memory against phone and Mac budgets."""
+    def go():
+        import json
+
+        from .planner import PHONE_BUDGETS, config_for, format_plan, machine_ram
+        from .planner import plan as make_plan
+
+        if context < 1:
+            raise UserError("--context must be positive")
+        budgets = {**PHONE_BUDGETS, "this machine's RAM": machine_ram()}
+        budgets.update({f"{b:g} GB": b * 1e9 for b in budget_gb})
+        p = make_plan(config_for(model), context, kv_bits=None if kv_bits == "16" else int(kv_bits),
+                      bits=bits, group_size=group_size, budgets=budgets)
+        click.echo(json.dumps(p, indent=1) if as_json else format_plan(model, p))
+
+    run_cli(go, verbose)

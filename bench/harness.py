@@ -1,0 +1,426 @@
+"""The measurements: prefill, decode, memory per phase, expert routing.
+
+Every phase starts from `mx.reset_peak_memory()` (and an emptied buffer
+cache), so each recorded peak belongs to that phase alone. Timings warm up
+first, repeat, and keep every run (median, min and max are derived from them).
+
+Prefill runs as mlx-lm runs it: all tokens but the last in chunks of
+`prefill_step`, evaluating the cache after each chunk, then the last token,
+whose logits give the first generated token (TTFT = all of that).
+Decode first fills a cache to the requested context the same way (untimed),
+snapshots it, and for every repeat generates `gen_tokens` greedy tokens from a
+copy of the snapshot, timing the host-side graph building of each step (the
+Python work before `mx.eval`) apart from the whole step.
+"""
+
+import copy
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from . import analytic
+from .tokens import prompt_tokens  # noqa: F401
+
+
+@dataclass
+class Settings:
+    prompt_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    decode_contexts: List[int] = field(default_factory=lambda: [256, 1024, 4096, 8192])
+    gen_tokens: int = 128
+    repeats: int = 5
+    warmup: int = 1
+    prompts: str = "real"  # real | random | repeat
+    prefill_step: int = 2048
+    routing_tokens: int = 1024  # prompt length of the real-vs-dummy routing phase
+    dtype: str = "float32"  # activations (and KV cache)
+    bits: int = 4
+    group_size: int = 32
+    seed: int = 0
+    bandwidth_gbps: Optional[float] = None
+    bandwidth_source: Optional[str] = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- machine ----
+
+def _sysctl(name: str) -> Optional[str]:
+    try:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def rss_bytes() -> Optional[int]:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    try:  # macOS
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())],
+                             capture_output=True, text=True, timeout=5).stdout
+        return int(out.strip()) * 1024
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+
+def machine_info() -> dict:
+    """Device, OS, versions and backend, for the report's header."""
+    chip = _sysctl("machdep.cpu.brand_string") if sys.platform == "darwin" else None
+    if chip is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                chip = next((ln.split(":", 1)[1].strip() for ln in f
+                             if ln.startswith("model name")), None)
+        except OSError:
+            chip = None
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
+    gpu_name = None
+    if metal:
+        try:
+            gpu_name = mx.device_info().get("device_name")
+        except Exception:  # noqa: BLE001 - informational only
+            gpu_name = None
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "chip": gpu_name or chip or platform.processor() or platform.machine(),
+        "cpu": chip,
+        "machine": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}"
+              + (f" (macOS {platform.mac_ver()[0]})" if sys.platform == "darwin" else ""),
+        "memory_bytes": memory,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": version("mlx-lm"),
+        "backend": "Metal" if metal and mx.default_device() == mx.gpu else "CPU",
+        "default_device": str(mx.default_device()),
+    }
+
+
+def copy_bandwidth(mbytes: int = 256, repeats: int = 3) -> float:
+    """Measured copy bandwidth in GB/s (bytes read + written per second)."""
+    n = mbytes * (1 << 20) // 4
+    x = mx.ones((n,), dtype=mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        y = x + 1
+        mx.eval(y)
+        best = min(best, time.perf_counter() - t)
+        del y
+    return 2 * n * 4 / best / 1e9
+
+
+# ------------------------------------------------------------------ stats ----
+
+def stats(runs: List[float]) -> dict:
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
+            "runs": list(runs)}
+
+
+def start_phase() -> None:
+    """Forget earlier allocations so the next peak belongs to this phase only."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def cache_bytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+# ------------------------------------------------------------ primitives ----
+
+def prefill(model: nn.Module, tokens: mx.array, cache, step: int) -> mx.array:
+    """Feed `tokens` (1-D) into `cache` as mlx-lm does; return the first new token."""
+    n = tokens.shape[0]
+    done = 0
+    while n - done > 1:
+        k = min(step, n - done - 1)
+        model(tokens[done:done + k][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += k
+    logits = model(tokens[done:][None], cache=cache)
+    y = mx.argmax(logits[:, -1, :], axis=-1)
+    mx.eval(y)
+    return y
+
+
+def decode(model: nn.Module, y: mx.array, cache, n: int):
+    """Generate `n` greedy tokens. Returns (seconds, per-step seconds, per-step
+    graph-building seconds): building is the time to construct the lazy graph
+    before `mx.eval` runs it."""
+    steps, builds = [], []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ts = time.perf_counter()
+        logits = model(y[None], cache=cache)
+        y = mx.argmax(logits[:, -1, :], axis=-1)
+        tb = time.perf_counter()
+        mx.eval(y)
+        te = time.perf_counter()
+        builds.append(tb - ts)
+        steps.append(te - ts)
+    return time.perf_counter() - t0, steps, builds
+
+
+def snapshot(cache):
+    """An independent copy of a filled cache (its arrays are copied on write)."""
+    out = []
+    for c in cache:
+        c2 = copy.copy(c)
+        if getattr(c, "keys", None) is not None:
+            c2.keys, c2.values = mx.array(c.keys), mx.array(c.values)
+        out.append(c2)
+    return out
+
+
+# ------------------------------------------------------------- routing ----
+
+class _Recorder(nn.Module):
+    """Wraps a MoE layer's `experts` on the instance and keeps each `indices` seen."""
+
+    def __init__(self, inner: nn.Module, sink: Callable):
+        super().__init__()
+        self.inner = inner
+        self._sink = sink
+
+    def __call__(self, x, indices):
+        self._sink(indices)
+        return self.inner(x, indices)
+
+
+def record_routing(model: nn.Module):
+    """Wrap every MoE layer; returns (per-layer lists of indices, undo function)."""
+    seen, originals = [], []
+    for layer in model.layers:
+        ff = getattr(layer, "feed_forward", None)
+        if ff is None or not hasattr(ff, "experts"):
+            continue
+        bucket = []
+        seen.append(bucket)
+        originals.append((ff, ff.experts))
+        ff.experts = _Recorder(ff.experts, bucket.append)
+
+    def undo():
+        for ff, inner in originals:
+            ff.experts = inner
+    return seen, undo
+
+
+def routing_stats(indices_per_layer, num_experts: int, expert_bytes: int) -> dict:
+    """Distinct experts used per layer, and how evenly (normalised entropy of the
+    load, 1 = perfectly even; max load over mean load)."""
+    import numpy as np
+
+    layers = []
+    for chunks in indices_per_layer:
+        flat = np.concatenate([np.array(c).reshape(-1) for c in chunks])
+        counts = np.bincount(flat, minlength=num_experts)
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        entropy = float(-(nz * np.log(nz)).sum() / np.log(num_experts))
+        layers.append({"distinct": int((counts > 0).sum()), "entropy": entropy,
+                       "max_over_mean": float(counts.max() / counts.mean())})
+    distinct = [ly["distinct"] for ly in layers]
+    return {
+        "layers": layers,
+        "mean_distinct": sum(distinct) / len(distinct),
+        "mean_entropy": sum(ly["entropy"] for ly in layers) / len(layers),
+        # What a runtime that pages weights in on use (mmap, as ExecuTorch on a
+        # phone) would hold of the routed experts; MLX keeps them all resident.
+        "touched_expert_bytes": sum(distinct) * expert_bytes,
+    }
+
+
+# ------------------------------------------------------------ the runner ----
+
+class Progress:
+    """One status line with an ETA, weighted by tokens of work."""
+
+    def __init__(self, total: float, enabled: bool = True):
+        self.total, self.done, self.t0 = max(total, 1), 0.0, time.perf_counter()
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def update(self, work: float, what: str):
+        self.done += work
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        el = time.perf_counter() - self.t0
+        eta = el / frac * (1 - frac) if frac > 0 else 0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        line = f"[{bar}] {frac:4.0%} {what:<44.44} {el:6.0f}s elapsed, ~{eta:.0f}s left"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def work_estimate(s: Settings, n_models: int, moe_models: int) -> float:
+    per_model = (s.warmup + s.repeats) * sum(s.prompt_lengths)
+    per_model += sum(c + (s.warmup + s.repeats) * s.gen_tokens * 8 for c in s.decode_contexts)
+    return n_models * per_model + moe_models * 3 * s.routing_tokens
+
+
+def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
+                  save: Callable[[], None], record: dict) -> None:
+    """Fill `record` (one model's entry in results.json) phase by phase, calling
+    `save` after each so an interrupted run keeps what it measured."""
+    model, config = built.model, built.config
+    from .models import weight_bytes as model_weight_bytes
+
+    record["memory"] = {
+        "weights_bytes": model_weight_bytes(model),
+        "active_after_load_bytes": mx.get_active_memory(),
+        "rss_bytes": rss_bytes(),
+    }
+    record["prefill"], record["decode"] = [], []
+    save()
+    name = built.label
+
+    for p in s.prompt_lengths:
+        toks = vocab_tokens(s.prompts, p)
+        ttft, peaks, kv = [], [], 0
+        for r in range(s.warmup + s.repeats):
+            cache = make_prompt_cache(model)
+            start_phase()
+            t = time.perf_counter()
+            prefill(model, toks, cache, s.prefill_step)
+            dt = time.perf_counter() - t
+            if r >= s.warmup:
+                ttft.append(dt)
+                peaks.append(mx.get_peak_memory())
+            kv = cache_bytes(cache)
+            del cache
+            progress.update(p, f"{name}: prefill {p} ({r + 1}/{s.warmup + s.repeats})")
+        record["prefill"].append({
+            "prompt_tokens": p,
+            "ttft_s": stats(ttft),
+            "tokens_per_s": stats([p / t for t in ttft]),
+            "peak_memory_bytes": max(peaks),
+            "kv_cache_bytes": kv,
+            "rss_bytes": rss_bytes(),
+        })
+        save()
+
+    for c in s.decode_contexts:
+        toks = vocab_tokens(s.prompts, c)
+        cache = make_prompt_cache(model)
+        start_phase()
+        t = time.perf_counter()
+        y = prefill(model, toks, cache, s.prefill_step)
+        fill_s = time.perf_counter() - t
+        fill_peak = mx.get_peak_memory()
+        filled = cache[0].offset
+        kv = cache_bytes(cache)
+        base = snapshot(cache)
+        del cache
+        progress.update(c, f"{name}: fill cache to {c}")
+        tps, step_med, build_med, peaks = [], [], [], []
+        for r in range(s.warmup + s.repeats):
+            run_cache = snapshot(base)
+            start_phase()
+            total, steps, builds = decode(model, y, run_cache, s.gen_tokens)
+            if r >= s.warmup:
+                tps.append(s.gen_tokens / total)
+                step_med.append(statistics.median(steps))
+                build_med.append(statistics.median(builds))
+                peaks.append(mx.get_peak_memory())
+            del run_cache
+            progress.update(s.gen_tokens * 8,
+                            f"{name}: decode at {c} ({r + 1}/{s.warmup + s.repeats})")
+        entry = {
+            "context": c,
+            "context_filled": filled,
+            "gen_tokens": s.gen_tokens,
+            "tokens_per_s": stats(tps),
+            "step_s": stats(step_med),
+            "graph_build_s": stats(build_med),
+            "graph_build_fraction": statistics.median(build_med) / statistics.median(step_med),
+            "peak_memory_bytes": max(peaks),
+            "fill_s": fill_s,
+            "fill_peak_memory_bytes": fill_peak,
+            "kv_cache_bytes": kv,
+            "rss_bytes": rss_bytes(),
+        }
+        if s.bandwidth_gbps:
+            bound = analytic.decode_bound(config, c, s.bandwidth_gbps, quant_of(built, s),
+                                          kv_dtype=s.dtype)
+            entry["bandwidth_bound_tokens_per_s"] = bound
+            entry["fraction_of_bound"] = statistics.median(tps) / bound
+        record["decode"].append(entry)
+        del base
+        save()
+
+    if built.family == "moe" and s.routing_tokens:
+        record["routing"] = {"tokens": s.routing_tokens, "prompts": {}}
+        per_expert = analytic.weight_bytes(config, quant_of(built, s))["per_expert"]
+        for kind in ("real", "random", "repeat"):
+            toks = vocab_tokens(kind, s.routing_tokens)
+            seen, undo = record_routing(model)
+            try:
+                cache = make_prompt_cache(model)
+                start_phase()
+                prefill(model, toks, cache, s.prefill_step)
+                peak = mx.get_peak_memory()
+            finally:
+                undo()
+            entry = routing_stats(seen, config["num_local_experts"], per_expert)
+            entry["peak_memory_bytes"] = peak
+            record["routing"]["prompts"][kind] = entry
+            del cache, seen
+            progress.update(s.routing_tokens, f"{name}: routing, {kind} prompt")
+            save()
+        r = record["routing"]["prompts"]
+        record["routing"]["real_minus_repeat_peak_bytes"] = (
+            r["real"]["peak_memory_bytes"] - r["repeat"]["peak_memory_bytes"])
+        record["routing"]["real_minus_repeat_touched_bytes"] = (
+            r["real"]["touched_expert_bytes"] - r["repeat"]["touched_expert_bytes"])
+    record["memory"]["rss_peak_bytes"] = peak_rss_bytes()
+    record["complete"] = True
+    save()
+
+
+def quant_of(built, s: Settings) -> analytic.Quant:
+    """The storage the analytic model should assume for a built model."""
+    q = built.config.get("quantization") or {}
+    if built.synthetic:
+        return analytic.Quant(bits=s.bits, group_size=s.group_size, scale_dtype="float16",
+                              embedding_scale_dtype=s.dtype, dtype=s.dtype)
+    if not q:
+        return analytic.Quant(bits=None, dtype=s.dtype)
+    return analytic.Quant(bits=q.get("bits", 4), group_size=q.get("group_size", 32),
+                          scale_dtype="float16", dtype="float16")

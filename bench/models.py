@@ -1,0 +1,189 @@
+"""Which models the benchmark runs, and how it builds them.
+
+A model name is a MobileMoE preset (S, M, L, tiny), ``pro`` (the dense
+MobileLLM-Pro-shaped baseline), ``pro-tiny`` (a tiny dense model for tests), or
+a converted MobileMoE directory. Presets get synthetic weights at the exact
+published shape, built in memory: speed and memory do not depend on weight
+values, but routing does, so the weights are random (never zeros) and the
+routed experts spread over the tokens as they would in a trained model.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mobilemoe_mlx.config import PRESETS, preset_config
+from mobilemoe_mlx.errors import UserError
+
+DENSE_NAMES = ("pro", "pro-tiny")
+MODEL_NAMES = (*PRESETS, *DENSE_NAMES)
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+@dataclass
+class Built:
+    name: str  # as given on the command line
+    label: str  # what reports show ("MobileMoE-S", "MobileLLM-Pro", a path)
+    model: nn.Module
+    config: dict  # the config dict, with `quantization` as applied
+    family: str  # "moe" or "dense"
+    synthetic: bool
+    source: str  # "synthetic" or the checkpoint path
+    tokenizer: object = None  # the checkpoint's tokenizer, if it has one
+
+
+def tiny_pro_config() -> dict:
+    """A dense config small enough for tests, with a 3:1 local:global pattern."""
+    from mobilemoe_mlx.dense import pro_config
+
+    cfg = pro_config()
+    cfg.update(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16)
+    cfg["layer_types"] = ["sliding_attention"] * 3 + ["full_attention"]
+    return cfg
+
+
+def model_config(name: str) -> dict:
+    """The config dict of a preset name (MoE preset, pro or pro-tiny)."""
+    from mobilemoe_mlx.dense import pro_config
+
+    if name == "pro":
+        return pro_config()
+    if name == "pro-tiny":
+        return tiny_pro_config()
+    if name in PRESETS:
+        return preset_config(name)
+    raise UserError(
+        f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a converted directory")
+
+
+def family(config: dict) -> str:
+    return "moe" if "num_local_experts" in config else "dense"
+
+
+def model_class(config: dict):
+    if family(config) == "moe":
+        from mobilemoe_mlx.model import Model, ModelArgs
+    else:
+        from mobilemoe_mlx.dense import Model, ModelArgs
+    return Model, ModelArgs
+
+
+def label(name: str) -> str:
+    return {"pro": "MobileLLM-Pro", "pro-tiny": "MobileLLM-Pro (tiny)"}.get(
+        name, f"MobileMoE-{name}" if name in PRESETS else name)
+
+
+def _not_router(path: str, module: nn.Module) -> bool:
+    # The router stays float32 and unquantized: routing is a discrete choice.
+    return hasattr(module, "to_quantized") and not path.endswith("router")
+
+
+def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size: int = 32,
+                    seed: int = 0) -> Built:
+    """A model at `name`'s exact shape with random quantized weights.
+
+    Built lazily, quantized, then given fresh random packed weights and
+    evaluated one layer at a time, so no float copy of the whole model ever
+    exists (peak memory stays near the quantized size)."""
+    config = model_config(name)
+    Model, ModelArgs = model_class(config)
+    model = Model(ModelArgs.from_dict(config))
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_not_router)
+    config["quantization"] = {"group_size": group_size, "bits": bits}
+    config["synthetic"] = True
+    dt = DTYPES[dtype]
+    key = mx.random.key(seed)
+    modules = dict(model.named_modules())
+    # Fill each quantized module: uniform nibbles u, scale s, bias -8 s, so the
+    # weights are symmetric INT4 with std ~1/sqrt(fan_in) (as synthetic.py does).
+    for path, m in modules.items():
+        if not hasattr(m, "scales"):
+            continue
+        key, k1, k2 = mx.random.split(key, 3)
+        fan_in = m.scales.shape[-2] if m.weight.ndim == 3 else m.weight.shape[-1] * 32 // bits
+        scale = 1 / (4.6 * math.sqrt(fan_in)) * (8 / 2 ** (bits - 1))
+        hi = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k1)
+        lo = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k2)
+        m.weight = (hi << 16) | lo
+        # Scales and biases in float16 as a converted QAT checkpoint has them;
+        # the embedding's in the activation dtype, because its output (the
+        # residual stream) takes their dtype (float16 is slow on MLX's CPU).
+        sdt = dt if path.endswith("embed_tokens") else mx.float16
+        m.scales = mx.full(m.scales.shape, scale, dtype=sdt)
+        m.biases = mx.full(m.scales.shape, -(2 ** (bits - 1)) * scale, dtype=sdt)
+    for path, m in modules.items():
+        if isinstance(m, nn.RMSNorm):
+            m.weight = mx.ones(m.weight.shape, dtype=dt)
+        elif path.endswith("router"):
+            key, k1 = mx.random.split(key)
+            m.weight = 0.02 * mx.random.normal(m.weight.shape, key=k1)  # float32
+        elif path.endswith("feed_forward"):
+            key, k1 = mx.random.split(key)
+            m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
+    mx.eval(model.model.embed_tokens.parameters())
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    return Built(name, label(name), model, config, family(config), True, "synthetic")
+
+
+def check_checkpoint(path: str) -> Path:
+    """The directory if it is a converted MobileMoE model, else a one-line UserError."""
+    from mobilemoe_mlx.loading import is_converted
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--weights {path}: no such directory")
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise UserError(f"--weights {path}: not a converted model directory (no config.json)")
+    try:
+        converted = is_converted(p)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--weights {path}: config.json is not valid JSON ({e})") from e
+    if not converted:
+        raise UserError(f"--weights {path}: not a converted MobileMoE directory; "
+                        "run `python convert.py SOURCE --out DIR` first")
+    if not list(p.glob("*.safetensors")):
+        raise UserError(f"--weights {path}: no .safetensors weights in the directory")
+    return p
+
+
+def load_checkpoint(path: str) -> Built:
+    """A converted MobileMoE directory (made by convert.py), with a clear error otherwise."""
+    from mobilemoe_mlx.loading import load_converted
+
+    p = check_checkpoint(path)
+    model, config = load_converted(p)
+    mx.eval(model.parameters())
+    try:
+        from mobilemoe_mlx.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(p, config.get("eos_token_id"))
+    except Exception:  # noqa: BLE001 - prompts fall back to the hashing tokenizer
+        tokenizer = None
+    return Built(str(p), f"{p.name} (checkpoint)", model, config, "moe", False, str(p),
+                 tokenizer)
+
+
+def build(name: str, weights: Optional[str] = None, **kwargs) -> Built:
+    """A model by name: `weights` (a converted directory) replaces a MoE preset's
+    synthetic weights; a name that is a directory is loaded as a checkpoint."""
+    if weights is not None and name not in DENSE_NAMES:
+        built = load_checkpoint(weights)
+        built.name = name
+        return built
+    if name not in MODEL_NAMES and (Path(name).expanduser().exists() or "/" in name):
+        return load_checkpoint(name)
+    return build_synthetic(name, **kwargs)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter the model holds (quantized words, scales, biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
