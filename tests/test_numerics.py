@@ -196,10 +196,31 @@ def test_bf16_int4_reported_errors_are_the_real_errors(bf16_int4):
         assert restored.shape == original.shape, path
         err = np.abs(restored - original).max()
         assert reported[path] == pytest.approx(err, rel=1e-5, abs=1e-9), path
-        # and within half a step of its group (MLX may widen a step so 0 is on the grid)
+        # and within half a step of its group: these weights lie on an INT4 grid
+        # (tests/checkpoints.py), which MLX's min/max affine grid then contains
         per_group = np.abs(restored - original).reshape(s.shape + (32,)).max(-1)
         assert (per_group <= np.abs(s.astype(np.float64)) * 0.5 * (1 + 1e-5) + 1e-9).all(), path
         assert err > 0, path
+
+
+def test_quantize_in_row_chunks_equals_one_pass_and_reports_its_error():
+    """packing.quantize works through rows in chunks on big tensors; the tiny
+    checkpoints fit one chunk, so force uneven chunks here."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.1, (3, 40, 64)).astype(np.float32)
+    one = packing.quantize(mx.array(w), 32, 4, mx.float32)
+    chunked = packing.quantize(mx.array(w), 32, 4, mx.float32, chunk_elements=7 * 64)
+    for a, b in zip(one[:3], chunked[:3]):
+        assert a.shape == b.shape and np.array_equal(np.array(a), np.array(b))
+    words, scales, biases = (np.array(a) for a in chunked[:3])
+    assert words.shape == (3, 40, 8) and scales.shape == (3, 40, 2)
+    restored = ref.dequantize_mlx(words, scales, biases)
+    err = np.abs(restored - w).max()
+    assert float(chunked[3]) == pytest.approx(err, rel=1e-5)
+    assert float(one[3]) == pytest.approx(err, rel=1e-5)
+    # (no half-step bound here: MLX keeps 0 on the grid, so on generic data a
+    # group's far end may be clipped by more than half a step)
+    assert 0 < err < 0.1
 
 
 # --- mlx-lm's KV cache, batching and expert dispatch ---
