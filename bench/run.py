@@ -24,7 +24,6 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     out_dir/results.json and out_dir/report.md. Ctrl-C stops the run and keeps
     every model entry measured so far (results.json says "interrupted")."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     moe_names = [m for m in models if m not in ("pro", "pro-tiny")]
     if weights is not None and len(moe_names) != 1:
         raise UserError("--weights replaces one MobileMoE model's synthetic weights: "
@@ -35,6 +34,7 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
         for m in models:  # fail on a bad name before measuring anything
             if not Path(m).expanduser().exists():
                 model_config(m)
+    out.mkdir(parents=True, exist_ok=True)
     if settings.bandwidth_gbps is None:
         settings.bandwidth_gbps = copy_bandwidth(64 if settings.gen_tokens < 16 else 256)
         settings.bandwidth_source = "measured copy bandwidth"

@@ -5,7 +5,7 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
 
     schema, schema_version      "mobilemoe-bench/results", 1
     created                     ISO 8601 time the run started
-    interrupted                 true when Ctrl-C stopped the run (entries present are complete)
+    interrupted                 true when Ctrl-C stopped the run; phases present are complete
     machine                     chip, cpu, machine, os, memory_bytes, cpu_count, python,
                                 mlx, mlx_lm, backend ("Metal" | "CPU"), default_device
     settings                    prompt_lengths, decode_contexts, gen_tokens, repeats, warmup,
@@ -37,7 +37,8 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
                                 {distinct, entropy, max_over_mean}, mean_distinct,
                                 mean_entropy, touched_expert_bytes, peak_memory_bytes},
                                 real_minus_repeat_peak_bytes, real_minus_repeat_touched_bytes
-      complete                  true once every phase of this model was measured
+      complete                  true once every phase of this model was measured (absent
+                                on the model an interrupted run was measuring)
 """
 
 SCHEMA = "mobilemoe-bench/results"
