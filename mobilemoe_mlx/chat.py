@@ -267,11 +267,19 @@ class ChatSession:
 
     def _fit(self, user: str, turn: Turn) -> Tuple[str, List[int]]:
         """The turn's prompt, dropping the oldest exchanges while it and room for an
-        answer would not fit the context. The system prompt always stays."""
+        answer would not fit the context. The system prompt always stays; a message
+        that cannot fit even alone drops nothing (the caller skips it)."""
+        if self.raw:
+            return "", self._raw_prompt(user)
+        kept, self.messages = self.messages, []
+        text, tokens = self._chat_prompt(user)
+        self.messages = kept
+        if len(tokens) >= self.context:
+            return text, tokens
         reserve = min(self.sampling.max_tokens, self.context // 4)
         dropped = 0
         while True:
-            text, tokens = ("", self._raw_prompt(user)) if self.raw else self._chat_prompt(user)
+            text, tokens = self._chat_prompt(user)
             if len(tokens) + reserve <= self.context or not self.messages:
                 break
             self.messages = self.messages[2:]  # the oldest user message and its answer

@@ -1,0 +1,302 @@
+"""chat.py and its session on tiny synthetic checkpoints (float32, MLX's CPU backend).
+
+The session tests count the tokens that actually reach the model through a thin
+proxy around it; the CLI tests run chat.py in a subprocess, one of them on a
+pseudo-terminal with a real Ctrl-C.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mobilemoe_mlx.chat import ChatSession, Sampling, draft_acceptance, load_chat_model
+from mobilemoe_mlx.chat_commands import Terminal
+from mobilemoe_mlx.convert import convert
+from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.synthetic import write_synthetic, write_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """The tiny checkpoint converted once, and variants of it made by hand."""
+    root = tmp_path_factory.mktemp("chat")
+    tiny = Path(convert(str(write_synthetic(str(root / "qat"))), str(root / "tiny"),
+                        dtype="float32"))
+    raw = root / "no-template"
+    shutil.copytree(tiny, raw)
+    write_tokenizer(raw, 512, with_chat_template=False)
+    no_tokenizer = root / "no-tokenizer"
+    shutil.copytree(tiny, no_tokenizer)
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()
+    return {"tiny": tiny, "raw": raw, "no_tokenizer": no_tokenizer,
+            "kv": _with_head_dim_32(tiny, root / "head-dim-32"), "home": root / "home"}
+
+
+def _with_head_dim_32(src: Path, out: Path) -> Path:
+    """The tiny model with 32-wide heads: MLX quantizes KV only in groups of 32 or more."""
+    shutil.copytree(src, out)
+    config = json.loads((out / "config.json").read_text())
+    config["head_dim"] = hd = 32
+    (out / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(out / "model.safetensors"))
+    d, h, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    shapes = {"q_proj": (h * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
+              "o_proj": (d, h * hd)}
+    key = mx.random.key(1)
+    for i in range(config["num_hidden_layers"]):
+        for name, shape in shapes.items():
+            key, sub = mx.random.split(key)
+            w = mx.random.normal(shape, key=sub) / shape[1] ** 0.5
+            q, s, b = mx.quantize(w, group_size=32, bits=4)
+            prefix = f"model.layers.{i}.self_attn.{name}"
+            weights.update({f"{prefix}.weight": q, f"{prefix}.scales": s,
+                            f"{prefix}.biases": b})
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    return load_chat_model(str(dirs["tiny"]), progress=False)
+
+
+class Counting:
+    """The model, recording every token it is fed (mlx-lm calls `model(tokens, cache=...)`)."""
+
+    def __init__(self, model):
+        self.model, self.fed = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None):
+        self.fed += inputs.reshape(-1).tolist()
+        return self.model(inputs, cache=cache)
+
+
+def _session(loaded, **kwargs):
+    model, tokenizer = loaded
+    counting = Counting(model)
+    kwargs.setdefault("sampling", Sampling(max_tokens=20))
+    return ChatSession(counting, tokenizer, **kwargs), counting, tokenizer
+
+
+def _encode(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _run(dirs, *args, stdin="", timeout=120):
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+# -- the session -------------------------------------------------------------------
+
+def test_second_turn_prefills_only_its_new_tokens(loaded):
+    session, counting, tok = _session(loaded)
+    first = session.ask("Hello")
+    assert counting.fed == _encode(tok, tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+    ) + first.tokens
+
+    counting.fed = []
+    second = session.ask(FRANCE)
+    # What the template adds after the first answer: its <|eot_id|>, the new user
+    # message and the assistant header. Nothing before it is fed again.
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"},
+         {"role": "assistant", "content": tok.decode(first.tokens)},
+         {"role": "user", "content": FRANCE}], add_generation_prompt=True, tokenize=False)
+    answer = tok.decode(first.tokens).strip()
+    new = _encode(tok, full[full.index(answer) + len(answer):])
+    assert new[0] == tok.convert_tokens_to_ids("<|eot_id|>") and len(new) < 40
+    assert counting.fed == new + second.tokens
+    assert second.prefilled == len(new)
+    assert [c.offset for c in session.cache] == [len(session.cache_tokens)] * 2
+
+
+def test_reset_clears_the_cache_and_the_conversation(loaded):
+    session, counting, tok = _session(loaded)
+    err = io.StringIO()
+    assert Terminal(session, io.StringIO(f"Hello\n{FRANCE}\n/reset\n"), io.StringIO(),
+                    err).run() == 0
+    assert "cleared" in err.getvalue()
+    assert session.messages == [] and session.cache_tokens == []
+    assert all(c.offset == 0 for c in session.cache)
+
+    fresh, _, _ = _session(loaded)
+    counting.fed = []
+    again, first = session.ask("Hello"), fresh.ask("Hello")
+    assert again.tokens == first.tokens  # nothing of the old conversation is left
+    assert again.prefilled == first.prefilled
+    assert counting.fed[0] == tok.bos_token_id  # the whole prompt was fed again
+
+
+def test_system_command_changes_the_system_prompt(loaded):
+    session, counting, tok = _session(loaded, system="You are terse.")
+    out, err = io.StringIO(), io.StringIO()
+    terminal = Terminal(session, io.StringIO("Hello\n/system Answer in French.\n/system\n"
+                                             f"{FRANCE}\n"), out, err)
+    terminal.run()
+    assert session.system == "Answer in French."
+    assert "system prompt: 'Answer in French.'" in err.getvalue()
+    assert len(out.getvalue().splitlines()) >= 2
+    # The second turn re-read the conversation from the new system prompt on.
+    second = session.last
+    fed_prompt = counting.fed[len(counting.fed) - second.prefilled - len(second.tokens):][
+        :second.prefilled]
+    assert "Answer in French." in tok.decode(fed_prompt)
+    assert "terse" not in tok.decode(session.cache_tokens)
+
+
+def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(loaded):
+    session, counting, tok = _session(loaded, system="Be brief.")
+    session.context = 160  # the real models hold 8,192; the rule is the same
+    notes = []
+    for i in range(5):
+        turn = session.ask(f"Question number {i}: {FRANCE}")
+        notes += turn.notes
+        assert len(session.cache_tokens) <= session.context
+    assert any("dropped the oldest" in n for n in notes)
+    assert session.conversation()[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[-2]["content"].startswith("Question number 4")
+    too_long = session.ask("word " * 400)
+    assert too_long.finish == "skipped" and "shorten it" in too_long.notes[0]
+    assert session.messages[-2]["content"].startswith("Question number 4")
+
+
+def test_stats_counts_distinct_experts_per_layer(loaded):
+    session, _, _ = _session(loaded, sampling=Sampling(max_tokens=1))
+    turn = session.ask(FRANCE)
+    top_k = loaded[0].args.num_experts_per_tok
+    # One answer token went through each layer, choosing top_k distinct experts.
+    assert [a for a, _ in turn.experts] == [top_k] * len(loaded[0].layers)
+    assert all(top_k < p <= loaded[0].args.num_local_experts for _, p in turn.experts)
+    err = io.StringIO()
+    Terminal(session, io.StringIO("/stats\n"), io.StringIO(), err).run()
+    assert f"L0: {top_k}/" in err.getvalue() and "of 8192 tokens" in err.getvalue()
+
+
+def test_draft_acceptance_counts_rounds():
+    # Rounds of 2 drafts: 2 accepted + own, 1 accepted + own, then cut after 1 draft.
+    assert draft_acceptance([True, True, False, True, False, True], 2, 100) == (4, 5)
+    # max_tokens=3 leaves room for 2 drafts, then for 0 in a round of its own.
+    assert draft_acceptance([True, True, False], 2, 3) == (2, 2)
+
+
+def test_draft_of_the_same_model_accepts_every_token_and_changes_nothing(loaded, dirs):
+    draft, _ = load_chat_model(str(dirs["tiny"]), progress=False)
+    session, _, _ = _session(loaded, draft_model=draft, num_draft_tokens=3)
+    plain, _, _ = _session(loaded)
+    for text in ("Hello", FRANCE):
+        turn, reference = session.ask(text), plain.ask(text)
+        assert turn.tokens == reference.tokens
+        assert turn.drafted > 0 and turn.accepted == turn.drafted
+    # The draft model's cache lags the model's by up to two tokens when an answer
+    # ends (its last draft and the model's own token); both re-read those.
+    assert plain.last.prefilled <= session.last.prefilled <= plain.last.prefilled + 2
+
+
+def test_kv_bits_needs_heads_quantization_can_take(loaded):
+    with pytest.raises(UserError, match="head_dim divisible by 32"):
+        ChatSession(*loaded, kv_bits=8)
+
+
+# -- the command line --------------------------------------------------------------
+
+def test_piped_two_turn_conversation(dirs):
+    r = _run(dirs, "--model", str(dirs["tiny"]), "--max-tokens", "12",
+             stdin=f"Hello\n{FRANCE}\n/stats\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2  # two answers, nothing else on stdout
+    stats = [line for line in r.stderr.splitlines() if "tok/s" in line]
+    assert len(stats) == 3 and stats[0].startswith("12 tokens")  # two answers + /stats
+    assert "distinct routed experts per layer" in r.stderr
+    assert "\x1b[" not in r.stderr  # no colour codes into a pipe
+
+
+def test_prompt_answers_once_and_exits(dirs):
+    r = _run(dirs, "--model", str(dirs["tiny"]), "--max-tokens", "8", "--prompt", "Hello",
+             "--system", "Be brief.", "--temp", "0.7", "--top-p", "0.9", "--top-k", "50",
+             "--min-p", "0.05", "--repetition-penalty", "1.15", "--seed", "3",
+             stdin="not read\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and "8 tokens" in r.stderr
+
+
+def test_raw_mode_on_a_checkpoint_without_chat_template(dirs):
+    r = _run(dirs, "--model", str(dirs["raw"]), "--prompt", "The quick brown")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no chat template" in r.stderr and "--raw" in r.stderr
+    r = _run(dirs, "--model", str(dirs["raw"]), "--raw", "--max-tokens", "6",
+             stdin="The quick brown\nA mixture of experts\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2 and r.stderr.count("6 tokens") == 2
+
+
+@pytest.mark.parametrize("case", ["bad model path", "bad flag value", "missing tokenizer"])
+def test_errors_are_one_line_and_exit_2(dirs, case):
+    args = {"bad model path": ["--model", str(dirs["home"] / "nowhere")],
+            "bad flag value": ["--model", str(dirs["tiny"]), "--top-p", "2"],
+            "missing tokenizer": ["--model", str(dirs["no_tokenizer"])]}[case]
+    r = _run(dirs, *args, "--prompt", "Hello")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert {"bad model path": "nowhere", "bad flag value": "--top-p",
+            "missing tokenizer": "tokenizer"}[case] in r.stderr
+
+
+def test_draft_reports_acceptance(dirs):
+    r = _run(dirs, "--model", str(dirs["tiny"]), "--draft", str(dirs["tiny"]),
+             "--num-draft-tokens", "3", "--max-tokens", "17", "--prompt", "Hello")
+    assert r.returncode == 0, r.stderr
+    # 4 rounds of 3 drafts and one token of the model's own, then 1 draft for the 17th.
+    assert "draft accepted 13/13 (100%)" in r.stderr
+
+
+def test_kv_bits_8_runs(dirs):
+    r = _run(dirs, "--model", str(dirs["kv"]), "--kv-bits", "8", "--max-tokens", "10",
+             stdin=f"Hello\n{FRANCE}\n/stats\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2 and "8-bit" in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(dirs):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1",
+               TERM="dumb")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(dirs["tiny"]),
+                                           "--max-tokens", "8000"],
+                          env=env, cwd=str(ROOT), encoding="utf-8", timeout=60)
+    try:
+        for message in ("Hello", FRANCE):  # the tiny model would talk for 8000 tokens
+            child.expect_exact(">>> ")
+            child.sendline(message)
+            child.expect_exact(message)
+            time.sleep(1.0)
+            child.sendintr()
+            child.expect(r"(\d+) tokens, prompt \d+ tok.*stopped")
+            assert 0 < int(child.match.group(1)) < 8000
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect("exchange")
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
