@@ -101,8 +101,8 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     dt = DTYPES[dtype]
     key = mx.random.key(seed)
     modules = dict(model.named_modules())
-    # Fill each quantized module: uniform nibbles u, scale s, bias -8 s, so the
-    # weights are symmetric INT4 with std ~1/sqrt(fan_in) (as synthetic.py does).
+    # Fill each quantized module: uniform nibbles u, scale s, bias -7.5 s, so the
+    # weights are symmetric 4-bit values with std ~1/sqrt(fan_in) (as synthetic.py does).
     for path, m in modules.items():
         if not hasattr(m, "scales"):
             continue
@@ -117,7 +117,10 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         # residual stream) takes their dtype (float16 is slow on MLX's CPU).
         sdt = dt if path.endswith("embed_tokens") else mx.float16
         m.scales = mx.full(m.scales.shape, scale, dtype=sdt)
-        m.biases = mx.full(m.scales.shape, -(2 ** (bits - 1)) * scale, dtype=sdt)
+        # Bias -7.5 s (not -8 s) centres the values: an offset shared by every
+        # weight would add a rank-1 component that, layer after layer, makes
+        # all hidden states alike and routes every token to the same experts.
+        m.biases = mx.full(m.scales.shape, -(2 ** (bits - 1) - 0.5) * scale, dtype=sdt)
     for path, m in modules.items():
         if isinstance(m, nn.RMSNorm):
             m.weight = mx.ones(m.weight.shape, dtype=dt)
