@@ -357,7 +357,7 @@ class ChatSession:
             self.cache, self.cache_tokens = self._new_cache(), []
         else:
             self._sync_cache(self.cache_tokens[:keep] + new + fed)
-        if not self.raw:
+        if not self.raw and (turn.tokens or turn.finish != "interrupted"):
             self._remember(user, rendered, target, turn, fed)
         self.last = turn
         return turn

@@ -26,6 +26,8 @@ multi-line message that ends at a line ending with \"\"\". //text sends /text.""
 
 def stats_line(turn: Turn) -> str:
     """The one line printed after each answer."""
+    if turn.finish == "interrupted" and not turn.generation_tokens:
+        return f"stopped while reading the {turn.prefilled}-token prompt (the message is not kept)"
     parts = [f"{turn.generation_tokens} tokens",
              f"prompt {turn.prefilled} tok at {turn.prompt_tps:.1f} tok/s",
              f"generation {turn.generation_tps:.1f} tok/s",
@@ -39,7 +41,7 @@ def stats_line(turn: Turn) -> str:
 
 
 def _size(gb: float) -> str:
-    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
 
 
 def stats_report(session: ChatSession) -> List[str]:
