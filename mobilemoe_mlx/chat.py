@@ -193,10 +193,7 @@ class ChatSession:
                  max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None):
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        if draft_model is not None and max_kv_size is not None:
-            raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
-        if kv_bits is not None and max_kv_size is not None:
-            raise UserError("mlx-lm has no quantized rotating cache: use --kv-bits or --max-kv-size")
+        check_cache_options(draft_model is not None, max_kv_size, kv_bits)
         self.kv_group = _kv_group_size(model.args.head_dim, kv_bits)
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.system, self.raw = system, raw
@@ -417,6 +414,14 @@ class ChatSession:
             else:
                 self.cache, n = self._new_cache(), 0
         self.cache_tokens = known[:n]
+
+
+def check_cache_options(draft: bool, max_kv_size: Optional[int], kv_bits: Optional[int]) -> None:
+    """The option pairs mlx-lm's caches cannot serve together."""
+    if draft and max_kv_size is not None:
+        raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
+    if kv_bits is not None and max_kv_size is not None:
+        raise UserError("mlx-lm has no quantized rotating cache: use --kv-bits or --max-kv-size")
 
 
 def _kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:

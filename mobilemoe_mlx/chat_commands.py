@@ -102,7 +102,11 @@ class Terminal:
             line = self.stdin.readline()
             return line.rstrip("\r\n") if line else None
         try:
-            return input(PROMPT)
+            if self.out.isatty():
+                return input(PROMPT)
+            self.err.write(PROMPT)  # keep a redirected stdout to answers only
+            self.err.flush()
+            return input()
         except EOFError:
             self.out.write("\n")
             return None
@@ -224,10 +228,11 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
     Returns the exit code (0); input the user can fix raises UserError."""
     import mlx.core as mx
 
-    from .chat import SIZES, Sampling, load_chat_model, model_source
+    from .chat import SIZES, Sampling, check_cache_options, load_chat_model, model_source
     from .errors import UserError
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
+    check_cache_options(bool(draft), max_kv_size, kv_bits)  # before any download
     if model.upper() in SIZES and variant == "base" and not raw:
         raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
                         "continue plain text, or chat with --variant qat or sft")
