@@ -125,8 +125,10 @@ def plan(model, context, kv_bits, bits, group_size, budget_gb, as_json, verbose)
     def go():
         import json
 
-        from .planner import PHONE_BUDGETS, config_for, format_plan, machine_ram
-        from .planner import plan as make_plan
+        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram
+        from mobilemoe_mlx.planner import plan as make_plan
+
+        from .models import config_for
 
         if context < 1:
             raise UserError("--context must be positive")

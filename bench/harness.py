@@ -29,8 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from . import analytic
-from .tokens import prompt_tokens  # noqa: F401
+from mobilemoe_mlx import analytic
+from mobilemoe_mlx.routing import ExpertRecorder
 
 
 @dataclass
@@ -205,51 +205,9 @@ def snapshot(cache):
 
 # ------------------------------------------------------------- routing ----
 
-class _Recorder(nn.Module):
-    """Wraps a MoE layer's `experts` on the instance and keeps each `indices` seen."""
-
-    def __init__(self, inner: nn.Module, sink: Callable):
-        super().__init__()
-        self.inner = inner
-        self._sink = sink
-
-    def __call__(self, x, indices):
-        self._sink(indices)
-        return self.inner(x, indices)
-
-
-def record_routing(model: nn.Module):
-    """Wrap every MoE layer; returns (per-layer lists of indices, undo function)."""
-    seen, originals = [], []
-    for layer in model.layers:
-        ff = getattr(layer, "feed_forward", None)
-        if ff is None or not hasattr(ff, "experts"):
-            continue
-        bucket = []
-        seen.append(bucket)
-        originals.append((ff, ff.experts))
-        ff.experts = _Recorder(ff.experts, bucket.append)
-
-    def undo():
-        for ff, inner in originals:
-            ff.experts = inner
-    return seen, undo
-
-
-def routing_stats(indices_per_layer, num_experts: int, expert_bytes: int) -> dict:
-    """Distinct experts used per layer, and how evenly (normalised entropy of the
-    load, 1 = perfectly even; max load over mean load)."""
-    import numpy as np
-
-    layers = []
-    for chunks in indices_per_layer:
-        flat = np.concatenate([np.array(c).reshape(-1) for c in chunks])
-        counts = np.bincount(flat, minlength=num_experts)
-        p = counts / counts.sum()
-        nz = p[p > 0]
-        entropy = float(-(nz * np.log(nz)).sum() / np.log(num_experts))
-        layers.append({"distinct": int((counts > 0).sum()), "entropy": entropy,
-                       "max_over_mean": float(counts.max() / counts.mean())})
+def routing_stats(recorder: ExpertRecorder, expert_bytes: int) -> dict:
+    """Distinct experts used per layer and how evenly, from a recorded prefill."""
+    layers = recorder.load_balance()
     distinct = [ly["distinct"] for ly in layers]
     return {
         "layers": layers,
@@ -388,22 +346,23 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
     if built.family == "moe" and s.routing_tokens:
         record["routing"] = {"tokens": s.routing_tokens, "prompts": {}}
         per_expert = analytic.weight_bytes(config, quant_of(built, s))["per_expert"]
-        for kind in ("real", "random", "repeat"):
-            toks = vocab_tokens(kind, s.routing_tokens)
-            seen, undo = record_routing(model)
-            try:
-                cache = make_prompt_cache(model)
-                start_phase()
-                prefill(model, toks, cache, s.prefill_step)
-                peak = mx.get_peak_memory()
-            finally:
-                undo()
-            entry = routing_stats(seen, config["num_local_experts"], per_expert)
-            entry["peak_memory_bytes"] = peak
-            record["routing"]["prompts"][kind] = entry
-            del cache, seen
-            progress.update(s.routing_tokens, f"{name}: routing, {kind} prompt")
-            save()
+        recorder = ExpertRecorder(model)
+        try:
+            for kind in ("real", "random", "repeat"):
+                toks = vocab_tokens(kind, s.routing_tokens)
+                with recorder.record():
+                    cache = make_prompt_cache(model)
+                    start_phase()
+                    prefill(model, toks, cache, s.prefill_step)
+                    peak = mx.get_peak_memory()
+                entry = routing_stats(recorder, per_expert)
+                entry["peak_memory_bytes"] = peak
+                record["routing"]["prompts"][kind] = entry
+                del cache
+                progress.update(s.routing_tokens, f"{name}: routing, {kind} prompt")
+                save()
+        finally:
+            recorder.remove()
         r = record["routing"]["prompts"]
         record["routing"]["real_minus_repeat_peak_bytes"] = (
             r["real"]["peak_memory_bytes"] - r["repeat"]["peak_memory_bytes"])

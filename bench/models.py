@@ -190,3 +190,18 @@ def build(name: str, weights: Optional[str] = None, **kwargs) -> Built:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter the model holds (quantized words, scales, biases)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def config_for(model: str) -> dict:
+    """A preset name, `pro`, or a directory with a config.json."""
+    if model in MODEL_NAMES:
+        return model_config(model)
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        try:
+            return json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    if path.exists():
+        raise UserError(f"{model} has no config.json")
+    return model_config(model)  # raises the unknown-model error

@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from mobilemoe_mlx import analytic
 from mobilemoe_mlx.errors import UserError
 
-from . import analytic
 from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, quant_of
 from .models import build, check_checkpoint, family, model_config
 from .report import write_report

@@ -19,14 +19,15 @@ How the cache is kept (the part that is easy to get wrong):
   turns thus re-prefill only from the first token that differs.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from .errors import UserError
+from .routing import ExpertRecorder
 
 SIZES = ("S", "M", "L")
 VARIANTS = {"qat": "QAT", "sft": "SFT", "base": "Base"}
@@ -62,60 +63,6 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     # `SELECT ?s` must not come out as `SELECT?s` (spec section 3).
     tokenizer._tokenizer.clean_up_tokenization_spaces = False
     return model, tokenizer
-
-
-class ExpertLog:
-    """The routed experts each layer chose, recorded while `active`.
-
-    Each layer's `feed_forward.experts` gets a subclass of its own class whose
-    `__call__` keeps a reference to the `indices` the router hands it: nothing is
-    recomputed, parameters and results are unchanged.
-    """
-
-    def __init__(self, num_layers: int, num_experts: int):
-        self.active = False
-        self.num_experts = num_experts
-        self.calls: List[List[mx.array]] = [[] for _ in range(num_layers)]
-
-    @classmethod
-    def install(cls, model) -> Optional["ExpertLog"]:
-        try:
-            experts = [layer.feed_forward.experts for layer in model.layers]
-        except AttributeError:
-            return None
-        if existing := getattr(type(experts[0]), "expert_log", None):
-            return existing
-        log = cls(len(experts), model.args.num_local_experts)
-        for i, module in enumerate(experts):
-            base = type(module)
-
-            def call(self, x, indices, *args, _base=base, _i=i, **kwargs):
-                if log.active:
-                    log.calls[_i].append(indices)
-                return _base.__call__(self, x, indices, *args, **kwargs)
-
-            module.__class__ = type(f"Logged{base.__name__}", (base,),
-                                    {"__call__": call, "expert_log": log})
-        return log
-
-    def start(self) -> None:
-        self.calls = [[] for _ in self.calls]
-        self.active = True
-
-    def stop(self, prompt_tokens: int) -> List[Tuple[int, int]]:
-        """(distinct experts for the answer's tokens, for the prompt's) per layer.
-
-        Tokens pass through a layer in order, so the first `prompt_tokens` rows
-        are the prompt's. With --draft, rejected draft tokens count as answer."""
-        self.active = False
-        counts = []
-        for calls in self.calls:
-            rows = [np.array(c).reshape(-1, c.shape[-1]) for c in calls]
-            rows = np.concatenate(rows) if rows else np.zeros((0, 1), np.uint32)
-            counts.append((len(np.unique(rows[prompt_tokens:])),
-                           len(np.unique(rows[:prompt_tokens]))))
-        self.calls = [[] for _ in self.calls]
-        return counts
 
 
 @dataclass
@@ -204,7 +151,7 @@ class ChatSession:
         self._sampler = make_sampler(s.temp, s.top_p, s.min_p, top_k=s.top_k)
         self._processors = (make_logits_processors(repetition_penalty=s.repetition_penalty)
                             if s.repetition_penalty else None)
-        self.expert_log = ExpertLog.install(model)
+        self.expert_log = ExpertRecorder(model) if hasattr(model.layers[0], "feed_forward") else None
         self.last: Optional[Turn] = None
         self._stop_requested = False
         self.reset()
@@ -309,30 +256,33 @@ class ChatSession:
         fed, flags, response, hard_stop = [], [], None, False
         self._stop_requested = False
         mx.reset_peak_memory()
-        if self.expert_log:
-            self.expert_log.start()
+        recording = self.expert_log.record() if self.expert_log else contextlib.nullcontext()
         stream = stream_generate(
             self.model, self.tokenizer, mx.array(new), max_tokens=max_tokens,
             draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens,
             sampler=self._sampler, logits_processors=self._processors,
             prompt_cache=self.cache, prompt_progress_callback=self._check_stop)
-        try:
-            for response in stream:
-                fed.append(response.token)
-                flags.append(response.from_draft)
-                if response.finish_reason != "stop":
-                    turn.tokens.append(response.token)
-                turn.text += response.text
-                on_text(response.text)
-                if self._stop_requested:
-                    break
-        except _Stop:
-            pass
-        except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
-            hard_stop = True
-        finally:
-            stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
-            experts = self.expert_log.stop(len(new)) if self.expert_log else None
+        with recording:
+            try:
+                for response in stream:
+                    fed.append(response.token)
+                    flags.append(response.from_draft)
+                    if response.finish_reason != "stop":
+                        turn.tokens.append(response.token)
+                    turn.text += response.text
+                    on_text(response.text)
+                    if self._stop_requested:
+                        break
+            except _Stop:
+                pass
+            except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
+                hard_stop = True
+            finally:
+                stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
+        # Tokens pass through a layer in order: the first len(new) rows are the prompt's.
+        # With --draft, rejected draft tokens count as answer.
+        experts = (list(zip(self.expert_log.distinct(len(new)), self.expert_log.distinct(0, len(new))))
+                   if self.expert_log else None)
 
         if response is not None:
             turn.finish = response.finish_reason or "interrupted"

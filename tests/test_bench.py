@@ -10,16 +10,16 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `bench` is a top-level directory, not an installed package
+from bench import harness, schema
+from bench.harness import Settings
+from bench.models import build_synthetic, model_class, model_config, weight_bytes
+from bench.report import build_comparison, load_results, write_report
+from bench.run import run_benchmark
+from bench.tokens import prompt_tokens
+from mobilemoe_mlx import analytic
+from mobilemoe_mlx.planner import fits_warning, plan
 
-from bench import analytic, harness, schema  # noqa: E402
-from bench.harness import Settings  # noqa: E402
-from bench.models import build_synthetic, model_class, model_config, weight_bytes  # noqa: E402
-from bench.planner import fits_warning, plan  # noqa: E402
-from bench.report import build_comparison, load_results, write_report  # noqa: E402
-from bench.run import run_benchmark  # noqa: E402
-from bench.tokens import prompt_tokens  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def quick_settings(**kw):

@@ -2,7 +2,7 @@
 
 Memory at context T = weights (all experts resident, INT4) + KV cache at T
 (optionally 8-bit) + working memory of one prefill chunk. The first two are
-exact counts (bench.analytic); the third is an upper-bound estimate of the
+exact counts (analytic.py); the third is an upper-bound estimate of the
 activations alive at once (hidden states, FFN or expert intermediates,
 attention scores when they are materialised, and one row of logits).
 
@@ -12,12 +12,8 @@ attention scores when they are materialised, and one row of logits).
 loading a model.
 """
 
-import json
 import os
-from pathlib import Path
 from typing import Dict, Optional
-
-from mobilemoe_mlx.errors import UserError
 
 from . import analytic
 
@@ -27,23 +23,6 @@ PHONE_BUDGETS = {"phone app, 3 GB": 3 * GB, "phone app, 5 GB": 5 * GB}
 
 def machine_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def config_for(model: str) -> dict:
-    """A preset name, `pro`, or a directory with a config.json."""
-    from .models import MODEL_NAMES, model_config
-
-    if model in MODEL_NAMES:
-        return model_config(model)
-    path = Path(model).expanduser()
-    if (path / "config.json").is_file():
-        try:
-            return json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from e
-    if path.exists():
-        raise UserError(f"{model} has no config.json")
-    return model_config(model)  # raises the unknown-model error
 
 
 def working_bytes(config: dict, context: int, chunk: int = 2048, act_bytes: int = 2) -> int:

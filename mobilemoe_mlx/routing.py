@@ -1,0 +1,93 @@
+"""Which routed experts each MoE layer chose, recorded on a model instance.
+
+Each layer's `feed_forward.experts` is wrapped so the `indices` the router
+hands it are kept as they pass: nothing is recomputed and results are
+unchanged. chat.py's /stats and the benchmark's routing report both use it.
+"""
+
+from contextlib import contextmanager
+from typing import List
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+class _Recording(nn.Module):
+    def __init__(self, inner: nn.Module, sink: list, recorder: "ExpertRecorder"):
+        super().__init__()
+        self.inner = inner
+        self._sink, self._recorder = sink, recorder
+
+    def __call__(self, x, indices, *args, **kwargs):
+        if self._recorder.recording:
+            self._sink.append(indices)
+        return self.inner(x, indices, *args, **kwargs)
+
+
+class ExpertRecorder:
+    """Keeps, per MoE layer, the expert indices ([..., K]) chosen while recording.
+
+        recorder = ExpertRecorder(model)
+        with recorder.record():
+            model(tokens)
+        recorder.distinct()   # distinct experts per layer
+        recorder.remove()     # the model as it was
+    """
+
+    def __init__(self, model: nn.Module):
+        self._moe = [layer.feed_forward for layer in model.layers
+                     if hasattr(getattr(layer, "feed_forward", None), "experts")]
+        if not self._moe:
+            raise ValueError("the model has no MoE layers to record")
+        self.num_experts = model.args.num_local_experts
+        self.recording = False
+        self._calls: List[list] = [[] for _ in self._moe]
+        for ff, sink in zip(self._moe, self._calls):
+            ff.experts = _Recording(ff.experts, sink, self)
+
+    def remove(self) -> None:
+        for ff in self._moe:
+            if isinstance(ff.experts, _Recording):
+                ff.experts = ff.experts.inner
+
+    def clear(self) -> None:
+        for calls in self._calls:
+            calls.clear()
+
+    @contextmanager
+    def record(self):
+        """Record (from empty) for the duration of the block."""
+        self.clear()
+        self.recording = True
+        try:
+            yield self
+        finally:
+            self.recording = False
+
+    def choices(self) -> List[np.ndarray]:
+        """Per layer, the chosen experts as [tokens, K], tokens in the order seen."""
+        out = []
+        for calls in self._calls:
+            rows = [np.array(c.astype(mx.int32)).reshape(-1, c.shape[-1]) for c in calls]
+            out.append(np.concatenate(rows) if rows else np.zeros((0, 1), np.int32))
+        return out
+
+    def distinct(self, start: int = 0, stop=None) -> List[int]:
+        """Distinct experts per layer over the recorded tokens [start:stop]."""
+        return [len(np.unique(rows[start:stop])) for rows in self.choices()]
+
+    def load_balance(self) -> List[dict]:
+        """Per layer: distinct experts, evenness (normalised entropy of the load,
+        1 = perfectly even) and the busiest expert's load over the mean."""
+        layers = []
+        for rows in self.choices():
+            counts = np.bincount(rows.reshape(-1), minlength=self.num_experts)
+            p = counts / max(counts.sum(), 1)
+            nz = p[p > 0]
+            layers.append({
+                "distinct": int((counts > 0).sum()),
+                "entropy": float(-(nz * np.log(nz)).sum() / np.log(self.num_experts)),
+                "max_over_mean": float(counts.max() / max(counts.mean(), 1e-12)),
+            })
+        return layers
