@@ -20,7 +20,8 @@ How the cache is kept (the part that is easy to get wrong):
 """
 
 import contextlib
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -44,12 +45,18 @@ def model_source(model: str, variant: Optional[str] = None) -> str:
 
 
 def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,
-                    progress: bool = True):
+                    progress: bool = True, kv_bits: Optional[int] = None):
     """`load()` plus what chat needs: a chat template (unless `raw`), every stop
-    token, and decoding without `clean_up_tokenization_spaces`."""
+    token, and decoding without `clean_up_tokenization_spaces`. Warns first when
+    the model at full context will not fit this machine's memory."""
     from .loading import load
+    from .planner import fits_warning
 
     model, tokenizer = load(source, revision=revision, lazy=True, progress=progress)
+    # Weights are still on disk (lazy): this is the moment to warn.
+    warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits)
+    if warning and progress:
+        print(f"warning: {warning}; expect swapping or a failed load", file=sys.stderr)
     if not raw and not tokenizer.has_chat_template:
         raise UserError(
             f"{source} has no chat template (Base checkpoints have none): add --raw to "

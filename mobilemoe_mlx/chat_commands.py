@@ -239,7 +239,7 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
     source = model_source(model, variant)
     if seed is not None:
         mx.random.seed(seed)
-    main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision)
+    main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision, kv_bits=kv_bits)
     draft_model = None
     if draft:
         draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
