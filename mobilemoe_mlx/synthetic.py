@@ -69,10 +69,15 @@ def _random_tensor(kind: str, role: str, shape, dtype: str, fan_in: int,
         return mx.ones(shape, dtype=mx.bfloat16)
     if kind == BIAS:
         return (0.01 * mx.random.normal(shape, key=key)).astype(mx.bfloat16)
-    if role == "qweight":  # uniform nibbles: q uniform in [-8, 7]
-        return mx.random.randint(0, 256, shape, dtype=mx.uint32, key=key).astype(mx.uint8)
-    if role == "scale":  # q has std ~4.6, so this gives weights of std ~1/sqrt(fan_in)
-        return mx.full(shape, 1 / (4.6 * math.sqrt(fan_in)), dtype=mx.float16)
+    if role == "qweight":
+        # q uniform in [-7, 7]: centred, so no shared offset pushes every token
+        # to the same few experts (uniform bytes would give q a mean of -0.5).
+        *lead, half = shape
+        q = mx.random.randint(-7, 8, (*lead, 2 * half), key=key)
+        nibbles = (q & 0xF).astype(mx.uint8)
+        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # even index in the low nibble
+    if role == "scale":  # q has std ~4.3, so this gives weights of std ~1/sqrt(fan_in)
+        return mx.full(shape, 1 / (4.3 * math.sqrt(fan_in)), dtype=mx.float16)
     std = 0.02 if kind == ROUTER else 1 / math.sqrt(fan_in)
     out = std * mx.random.normal(shape, key=key)
     return out if dtype == "F32" else out.astype(mx.bfloat16)
