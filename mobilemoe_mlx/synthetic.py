@@ -5,6 +5,11 @@ tests run on these where the gated real checkpoints cannot be had. The config
 says `"synthetic": true`; the tokenizer is a small byte-level BPE with the
 Llama-3 special tokens and chat template.
 
+The stop tokens' embedding rows are zero, and since the embedding is also the
+output head their logits are always 0 while some other token's is higher: a
+synthetic model never stops by itself, so a run produces exactly the tokens
+asked for (what benchmarks and tests need).
+
     python -m mobilemoe_mlx.synthetic --preset S --layout qat --out DIR
 """
 
@@ -18,7 +23,17 @@ import mlx.core as mx
 
 from .config import preset_config
 from .errors import UserError, run_cli
-from .layout import BIAS, EXPERTS, FUSED, NORM, QAT, ROUTER, model_weights, source_tensors
+from .layout import (
+    BIAS,
+    EMBEDDING,
+    EXPERTS,
+    FUSED,
+    NORM,
+    QAT,
+    ROUTER,
+    model_weights,
+    source_tensors,
+)
 from .safetensors_writer import Group, write_shard
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
@@ -83,6 +98,12 @@ def _random_tensor(kind: str, role: str, shape, dtype: str, fan_in: int,
     return out if dtype == "F32" else out.astype(mx.bfloat16)
 
 
+def _silence_stop_tokens(kind: str, tensor: mx.array) -> mx.array:
+    if kind == EMBEDDING and tensor.dtype != mx.uint8:  # the scales, or the bf16 weight
+        tensor[mx.array(EOS_IDS)] = 0
+    return tensor
+
+
 def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int = 0,
                     force: bool = False) -> Path:
     """Write a random checkpoint in the released `layout` (qat or bf16) at `preset`'s shape."""
@@ -112,7 +133,7 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
             specs[exp.name] = (exp.shape, mx_dtype)
             makers[exp.name] = (w.kind, role, exp.shape, dtype, fan_in, sub)
         groups.append(Group(specs, lambda m=makers: {
-            n: _random_tensor(*args) for n, args in m.items()}))
+            n: _silence_stop_tokens(args[0], _random_tensor(*args)) for n, args in m.items()}))
 
     tmp = out_path.with_name(f".{out_path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
