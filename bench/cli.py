@@ -1,4 +1,4 @@
-"""`python -m bench`: thin click wrappers over bench.run, bench.report and bench.planner."""
+"""`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner."""
 
 import click
 

@@ -17,7 +17,7 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
       family                    "moe" | "dense"
       synthetic, source         random weights at the published shape, or the checkpoint path
       config                    the model's config dict
-      analytic                  bench.analytic.summary(): params {total, active, embedding,
+      analytic                  mobilemoe_mlx.analytic.summary(): params {total, active, embedding,
                                 routed_experts}, weight_bytes {total, embedding, per_expert,
                                 routed_experts, decode_read_per_token}, kv_bytes_per_token,
                                 kv_cache_bytes / decode_flops_per_token /
