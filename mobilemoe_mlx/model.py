@@ -185,13 +185,14 @@ class RoutedExperts(nn.Module):
         return y.squeeze(-2)
 
 
-class SharedExpert(nn.Module):
-    def __init__(self, args: ModelArgs):
+class MLP(nn.Module):
+    """A SwiGLU feed-forward block: the always-on shared expert (and dense.py's MLP)."""
+
+    def __init__(self, dims: int, hidden_dims: int):
         super().__init__()
-        d, i = args.hidden_size, args.intermediate_size_mlp
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
-        self.down_proj = nn.Linear(i, d, bias=False)
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def __call__(self, x):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -208,7 +209,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(args.hidden_size, e, bias=False)
         self.expert_bias = mx.zeros((e,), dtype=mx.float32)
         self.experts = RoutedExperts(args)
-        self.shared_expert = SharedExpert(args)
+        self.shared_expert = MLP(args.hidden_size, args.intermediate_size_mlp)
 
     def __call__(self, x: mx.array) -> mx.array:
         scores = mx.sigmoid(self.router(x.astype(mx.float32)))  # [B, L, E]
