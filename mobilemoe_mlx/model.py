@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu  # compiled: one fused elementwise kernel
 from mlx_lm.models.base import (
     BaseModelArgs,
     create_attention_mask,
@@ -179,7 +180,7 @@ class RoutedExperts(nn.Module):
             inv_order = mx.argsort(order)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
         gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, -1)
-        y = self.down_proj(nn.silu(gate) * up, idx, sorted_indices=do_sort)
+        y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
         return y.squeeze(-2)
@@ -195,7 +196,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class MoE(nn.Module):
