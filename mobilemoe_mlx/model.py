@@ -50,7 +50,7 @@ class ModelArgs(BaseModelArgs):
     rope_parameters: Optional[Dict[str, Any]] = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = True
-    # Which per-token expert count switches the experts to sorted dispatch:
+    # Sorted dispatch starts at this many (token, expert) pairs (B * L * top-k):
     # sorting pays off once many tokens hit each expert (prefill), not at decode.
     expert_sort_threshold: int = 64
 
@@ -271,6 +271,16 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    # mlx-lm's own convert/quantize consult these: the router and its bias stay
+    # float32 and unquantized whatever else is cast or quantized.
+    @property
+    def quant_predicate(self):
+        return lambda path, module: not path.endswith("router")
+
+    @property
+    def cast_predicate(self):
+        return lambda key: "router" not in key and "expert_bias" not in key
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Converted directories are already in this module's names; only an

@@ -78,3 +78,24 @@ def test_mlx_lm_generate_console_command(qat_int4):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Generation:" in result.stdout, result.stdout
+
+
+def test_mlx_lm_convert_keeps_the_router_float32_and_unquantized(bf16_dense, tmp_path):
+    # mlx-lm's own quantizer, run on an unquantized float32 directory, must honour
+    # the model's quant_predicate and cast_predicate like it does for its own MoEs.
+    out = tmp_path / "requantized"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(bf16_dense.path),
+         "--mlx-path", str(out), "-q", "--q-group-size", "32", "--dtype", "bfloat16",
+         "--trust-remote-code"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    weights = {}
+    for f in out.glob("model*.safetensors"):
+        weights.update(mx.load(str(f)))
+    routers = [k for k in weights if ".router." in k]
+    assert routers and all(k.endswith("router.weight") for k in routers), routers
+    assert all(weights[k].dtype == mx.float32 for k in routers)
+    biases = [k for k in weights if k.endswith("expert_bias")]
+    assert biases and all(weights[k].dtype == mx.float32 for k in biases)
+    assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.bfloat16
