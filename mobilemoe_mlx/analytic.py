@@ -161,7 +161,13 @@ def decode_flops_per_token(config: dict, context: int) -> float:
 
 
 def prefill_flops(config: dict, prompt_tokens: int) -> float:
-    """FLOPs to prefill `prompt_tokens` tokens (causal: token t attends to t keys)."""
+    """FLOPs to prefill `prompt_tokens` tokens (causal: token t attends to t keys).
+
+    The output head (the tied embedding, V*D) is counted once, for the last
+    token only: an mlx-lm-style prefill evaluates only the cache state after
+    each chunk, so the lazily built logits of the chunk tokens are never
+    computed; the head runs on the last prompt token alone, whose logits give
+    the first generated token. The layers run for every prompt token."""
     h, hd = config["num_attention_heads"], _head_dim(config)
     p = prompt_tokens
     attn = 0
@@ -171,20 +177,25 @@ def prefill_flops(config: dict, prompt_tokens: int) -> float:
         else:
             keys = p * (p + 1) // 2
         attn += 4 * h * hd * keys
-    return 2 * _matmul_params_active(config) * p + attn
+    body = _matmul_params_active(config) - shapes(config).embedding
+    head = shapes(config).embedding
+    return 2 * body * p + 2 * head + attn
 
 
 def summary(config: dict, quant: Quant = Quant(), kv_dtype: str = "float16",
-            contexts=(256, 1024, 4096, 8192)) -> dict:
-    """Everything above for one config, as a JSON-able dict."""
+            contexts=(256, 1024, 4096, 8192), prompt_lengths=None) -> dict:
+    """Everything above for one config, as a JSON-able dict: KV cache bytes and
+    decode FLOPs keyed by `contexts`, prefill FLOPs per token keyed by
+    `prompt_lengths` (default: `contexts`)."""
     wb = weight_bytes(config, quant)
+    prompts = contexts if prompt_lengths is None else prompt_lengths
     return {
         "params": param_counts(config),
         "weight_bytes": wb,
         "kv_bytes_per_token": kv_bytes_per_token(config, kv_dtype),
         "kv_cache_bytes": {str(c): kv_cache_bytes(config, c, kv_dtype) for c in contexts},
         "decode_flops_per_token": {str(c): decode_flops_per_token(config, c) for c in contexts},
-        "prefill_flops_per_token": {str(c): prefill_flops(config, c) / c for c in contexts},
+        "prefill_flops_per_token": {str(p): prefill_flops(config, p) / p for p in prompts},
     }
 
 

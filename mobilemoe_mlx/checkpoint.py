@@ -62,7 +62,10 @@ def read_safetensors_header(path: Path) -> Dict[str, TensorInfo]:
         count = 1
         for s in shape:
             count *= s
-        if stop - start != count * _SAFETENSORS_ITEMSIZE.get(dtype, 0):
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise UserError(f"{path}: tensor {name} has dtype {dtype}, which MobileMoE "
+                            "checkpoints do not use")
+        if stop - start != count * _SAFETENSORS_ITEMSIZE[dtype]:
             raise UserError(f"{path}: tensor {name} has the wrong byte size; the file is corrupt")
         tensors[name] = TensorInfo(dtype, shape)
         end = max(end, stop)
@@ -127,10 +130,19 @@ def _add_pickle(source: TensorSource, path: Path) -> None:
         raise UserError(
             f"{path.name} is a PyTorch pickle; reading it needs PyTorch: pip install torch"
         ) from e
+    def read(mmap: bool):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = read(mmap=True)  # tensors stay on disk until converted
+        except RuntimeError as e:
+            if "_use_new_zipfile_serialization" not in str(e):
+                raise
+            state = read(mmap=False)  # the legacy (pre-1.6) format cannot be mapped
     except Exception as e:  # torch raises many types for a bad file
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path} is not a readable PyTorch checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     for key in _PICKLE_WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -72,9 +72,10 @@ def preset_config(name: str) -> Dict[str, Any]:
     return config
 
 
+# Shape keys: every one a positive integer.
 _REQUIRED = (
     "vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "num_local_experts", "num_experts_per_tok",
 )
 
@@ -87,7 +88,13 @@ _FIXED = {
     "tie_word_embeddings": True,
     "attention_bias": False,
     "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "n_shared_experts": 1,
 }
+
+# The released QAT block; anything else is a packing this converter does not know.
+_QAT_FORMAT = {"format": "mobilemoe-int4-g32", "qmin": -8, "qmax": 7, "symmetric": True,
+               "scale_dtype": "float16", "packed": True}
 
 
 def rope_block(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -96,8 +103,72 @@ def rope_block(config: Dict[str, Any]) -> Dict[str, Any]:
     return config.get("rope_scaling") or config.get("rope_parameters") or {}
 
 
-def validate_config(config: Dict[str, Any]) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rope(config: Dict[str, Any]) -> None:
+    rope = rope_block(config)
+    if not isinstance(rope, dict) or not rope:
+        raise UserError("config.json has no rope_scaling block; MobileMoE uses llama3-scaled RoPE")
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type != "llama3":
+        raise UserError(f"config.json uses rope_type {rope_type!r}; only 'llama3' is supported")
+    for key in ("factor", "original_max_position_embeddings"):
+        if not _is_number(rope.get(key)) or rope[key] <= 0:
+            raise UserError(f"config.json's rope_scaling needs a positive number for {key}")
+    if rope.get("low_freq_factor", 1.0) != rope.get("high_freq_factor", 1.0):
+        raise UserError(
+            "config.json's llama3 RoPE has low_freq_factor != high_freq_factor; "
+            "only equal factors (as released) are supported"
+        )
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    if not _is_number(theta) or theta <= 0:
+        raise UserError("config.json needs a positive number for rope_theta")
+
+
+def _check_layers(config: Dict[str, Any]) -> None:
+    layers = config["num_hidden_layers"]
+    if config.get("sliding_window") or config.get("attention_chunk_size"):
+        raise UserError("config.json asks for windowed attention; MobileMoE uses full attention only")
+    for key in ("layer_types", "no_rope_layers"):
+        if key in config and (not isinstance(config[key], list) or len(config[key]) != layers):
+            raise UserError(f"config.json's {key} must list each of its {layers} layers")
+    if any(t != "full_attention" for t in config.get("layer_types", [])):
+        raise UserError("config.json has layers other than full_attention; not supported")
+    if any(v != 1 for v in config.get("no_rope_layers", [])):
+        raise UserError("config.json has layers without RoPE; not supported")
+    for key in ("moe_layers", "dense_layers", "first_k_dense_replace"):
+        if config.get(key):
+            raise UserError(f"config.json sets {key}; every MobileMoE layer is MoE, dense layers are not supported")
+
+
+def check_qat_block(block: Any) -> int:
+    """The group size of a QAT checkpoint's `quantization` block, if it is the released format."""
+    if not isinstance(block, dict):
+        raise UserError("config.json's quantization block is not an object")
+    for key, expected in _QAT_FORMAT.items():
+        if key in block and block[key] != expected:
+            raise UserError(
+                f"config.json's quantization block has {key}={block[key]!r}; only the released "
+                f"format ({key}={expected!r}) is supported"
+            )
+    group = block.get("group_size", 32)
+    if block.get("embedding_group_size", group) != group:
+        raise UserError("QAT checkpoints with a different embedding group size are not supported")
+    for key, axis in (("linear_group_axis", "in"), ("expert_group_axis", "out")):
+        if key in block and not str(block[key]).startswith(axis):
+            raise UserError(f"config.json's quantization block groups {key} along "
+                            f"{block[key]!r}; the released layout groups along {axis!r}")
+    if group not in (32, 64, 128):
+        raise UserError(f"config.json's quantization group_size {group!r} is not 32, 64 or 128")
+    return group
+
+
+def validate_config(config: Any) -> None:
     """Raise UserError unless `config` describes the model the spec describes."""
+    if not isinstance(config, dict):
+        raise UserError("config.json is not a JSON object")
     if config.get("model_type") != "mobilemoe":
         raise UserError(
             f"config.json has model_type {config.get('model_type')!r}, not 'mobilemoe': "
@@ -106,34 +177,18 @@ def validate_config(config: Dict[str, Any]) -> None:
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise UserError(f"config.json lacks {', '.join(missing)}")
+    for key in _REQUIRED:
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
+            raise UserError(f"config.json's {key} must be a positive integer, not {config[key]!r}")
     for key, expected in _FIXED.items():
         if key in config and config[key] != expected:
             raise UserError(
                 f"config.json sets {key}={config[key]!r}; MobileMoE as specified "
                 f"uses {expected!r} and nothing else is implemented"
             )
-    rope = rope_block(config)
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope and rope_type != "llama3":
-        raise UserError(f"config.json uses rope_type {rope_type!r}; only 'llama3' is supported")
-    if rope and rope.get("low_freq_factor", 1.0) != rope.get("high_freq_factor", 1.0):
-        raise UserError(
-            "config.json's llama3 RoPE has low_freq_factor != high_freq_factor; "
-            "only equal factors (as released) are supported"
-        )
-    if config.get("sliding_window") or config.get("attention_chunk_size"):
-        raise UserError("config.json asks for windowed attention; MobileMoE uses full attention only")
-    layers = config["num_hidden_layers"]
-    if any(t != "full_attention" for t in config.get("layer_types", [])):
-        raise UserError("config.json has layers other than full_attention; not supported")
-    if any(v != 1 for v in config.get("no_rope_layers", [])):
-        raise UserError("config.json has layers without RoPE; not supported")
-    for key in ("moe_layers", "dense_layers", "first_k_dense_replace"):
-        if config.get(key):
-            raise UserError(f"config.json sets {key}; every MobileMoE layer is MoE, dense layers are not supported")
+    _check_rope(config)
+    _check_layers(config)
     if config["num_experts_per_tok"] > config["num_local_experts"]:
         raise UserError("config.json chooses more experts per token than it has")
     if config["num_attention_heads"] % config["num_key_value_heads"]:
         raise UserError("config.json's attention heads are not a multiple of its KV heads")
-    if len(config.get("layer_types", [None] * layers)) != layers:
-        raise UserError("config.json's layer_types does not list every layer")

@@ -10,7 +10,6 @@ bf16/fp32 weights are quantized to INT4 group-32 by default.
 """
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import mlx.core as mx
 
 from . import __version__, packing
 from .checkpoint import TensorSource, open_checkpoint
-from .config import rope_block, validate_config
+from .config import check_qat_block, rope_block, validate_config
 from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
@@ -37,6 +36,7 @@ from .layout import (
     model_weights,
     source_tensors,
 )
+from .output_dir import atomic_output_dir, check_output_dir
 from .safetensors_writer import Group, write_model
 
 MODEL_FILE = "mobilemoe.py"
@@ -44,15 +44,6 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_MAX_SHARD_BYTES = 4 << 30  # mlx-lm's loaders are happy with a few GB a file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
-
-
-def _qat_group_size(config: dict) -> int:
-    q = config.get("quantization") or {}
-    if q.get("group_size", 32) != q.get("embedding_group_size", q.get("group_size", 32)):
-        raise UserError("QAT checkpoints with a different embedding group size are not supported")
-    if (q.get("qmin", -8), q.get("qmax", 7), q.get("symmetric", True)) != (-8, 7, True):
-        raise UserError("the checkpoint's quantization block is not symmetric INT4 [-8, 7]")
-    return q.get("group_size", 32)
 
 
 class _Converter:
@@ -172,27 +163,32 @@ def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
 def _resolve_source(source: str, revision: Optional[str]):
     path = Path(source).expanduser()
     if path.exists():
+        if revision:
+            print(f"warning: --revision {revision} is ignored for the local path {path}",
+                  file=sys.stderr)
         return path, None
     if looks_like_repo_id(source):
-        local, commit = fetch_checkpoint(source, revision)
-        return local, commit
+        return fetch_checkpoint(source, revision)
     raise UserError(f"{source} is neither an existing path nor a Hub repo id (org/name)")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+def is_converted(path: Path) -> bool:
+    """A directory this converter wrote, or mlx-lm re-quantized from one."""
+    if not path.is_dir():
+        return False
+    if (path / "conversion.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "source_layout" in config
 
 
 def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
-            q_bits: int = 4, q_group_size: int = 32, force: bool = False,
+            q_bits: int = 4, q_group_size: Optional[int] = None, force: bool = False,
             revision: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            progress: bool = True) -> Path:
+            progress: bool = True, require_tokenizer: bool = False) -> Path:
     """Convert a MobileMoE checkpoint into an MLX directory at `out`.
 
     Args:
@@ -203,43 +199,47 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
         dtype: float16, bfloat16 or float32 for every floating tensor except the
             router (always float32). Default: float16 for QAT checkpoints (their
             scales are fp16), the checkpoint's own dtype otherwise.
-        quantize: quantize linears, embedding and experts (the default). A QAT
-            checkpoint with q_bits=4, q_group_size=its own is copied bit for bit.
-        force: replace an existing `out`.
+        quantize: quantize linears, embedding and experts (the default).
+        q_bits, q_group_size: 4 or 8 bits; groups of 32, 64 or 128. Default group
+            size: a QAT checkpoint's own (its INT4 weights are then copied bit
+            for bit), 32 otherwise.
+        force: replace an existing `out` that is a converted model.
         revision: Hub branch, tag or commit.
+        require_tokenizer: fail before converting when the source has no
+            tokenizer.json (otherwise only warn: it can be copied in later).
     Returns:
         The output directory.
     """
-    out_path = Path(out).expanduser()
-    if out_path.exists() and not force:
-        raise UserError(f"{out_path} already exists; pass --force to replace it")
+    out_path = check_output_dir(out, force, is_converted, "a converted model")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
 
     src_path, commit = _resolve_source(source, revision)
+    if is_converted(src_path):
+        raise UserError(f"{src_path} is already converted: load it directly")
+    tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
+    if require_tokenizer and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise UserError(f"{source} has no tokenizer.json: copy the model's tokenizer files "
+                        "next to its weights")
     config, tensors = open_checkpoint(src_path)
     validate_config(config)
     layout = detect_layout(tensors)
-    qat_group = _qat_group_size(config) if layout == QAT else 32
+    qat_group = check_qat_block(config.get("quantization", {})) if layout == QAT else 32
     weights = model_weights(config)
     check_source(weights, layout, tensors, qat_group)
+    q_group_size = q_group_size or qat_group
     if quantize:
         _check_group_size(weights, q_group_size, q_bits)
     if dtype is None:
         embed = tensors.info.get("model.embed_tokens.weight")
         dtype = {"BF16": "bfloat16", "F32": "float32"}.get(embed.dtype if embed else "", "float16")
-    if layout == QAT and dtype == "bfloat16" and quantize:
+    converter = _Converter(tensors, layout, DTYPES[dtype], quantize, q_bits, q_group_size, qat_group)
+    if converter.carry_qat and dtype == "bfloat16":
         print("warning: bfloat16 cannot hold the checkpoint's fp16 scales exactly; "
               "use float16 or float32 to keep the weights bit-exact", file=sys.stderr)
-
-    converter = _Converter(tensors, layout, DTYPES[dtype], quantize, q_bits, q_group_size, qat_group)
     groups = [Group(converter.specs(w), lambda w=w: converter.produce(w)) for w in weights]
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(out_path) as tmp:
         from huggingface_hub.utils import tqdm
 
         with tqdm(total=len(groups), desc="converting", unit="tensor",
@@ -250,7 +250,6 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
         cfg = converted_config(config, quantization, layout)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         shutil.copy2(Path(__file__).with_name("model.py"), tmp / MODEL_FILE)
-        tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
         copied = _copy_tokenizer(tokenizer_dir, tmp)
         report = {
             "converter": f"mobilemoe-mlx {__version__}", "source": source,
@@ -264,8 +263,4 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
         if "tokenizer.json" not in copied:
             print(f"warning: no tokenizer.json beside the checkpoint; copy the tokenizer "
                   f"files into {out_path} before loading it", file=sys.stderr)
-        _replace_dir(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path

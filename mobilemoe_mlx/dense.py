@@ -8,10 +8,16 @@ kernels as `model.py`: the mlx-lm model protocol (``Model(args)``,
 attention (GQA, RoPE, QK-norm without scale), SwiGLU, tied embeddings, INT4
 group-32 weights through ``nn.quantize``.
 
-Local:global attention is 3:1: three layers attend over a 512-token sliding
-window, the fourth over the whole context. Local layers keep their keys and
-values in mlx-lm's ``RotatingKVCache`` (512 slots), so their cache, their
-attention cost and their memory stop growing past 512 tokens.
+Local:global attention is 3:1 (spec section 4, the contract here): three
+layers attend over a 512-token sliding window, the fourth over the whole
+context (layers 3, 7, ..., 27 global: 7 global / 23 local of 30). Local layers
+keep their keys and values in mlx-lm's ``RotatingKVCache`` (512 slots), so
+their cache, their attention cost and their memory stop growing past 512
+tokens. A third-party copy of MobileLLM-Pro's config suggests a different
+placement: global attention at layer 0, every 4th layer and the last (9 global
+/ 21 local). Neither is confirmed against the released model; a config's
+``layer_types`` list (one "sliding_attention" or "full_attention" per layer)
+overrides the default pattern, so either can be benchmarked.
 
 Only the shape matters for speed and memory; the weights are random unless a
 checkpoint is converted for it (no converter is provided). Heads 20 / KV 4 and
@@ -145,6 +151,3 @@ class Model(nn.Module):
             RotatingKVCache(max_size=self.args.sliding_window) if layer.is_local else KVCache()
             for layer in self.layers
         ]
-
-    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        return {k: v for k, v in weights.items() if not k.startswith("lm_head.")}

@@ -4,6 +4,7 @@ Bad input gets one line and exit code 2; anything else is our bug and exits 1.
 A traceback is shown only with --verbose.
 """
 
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -13,8 +14,14 @@ class UserError(Exception):
     """Input the user can fix: the message says what is wrong and what to do."""
 
 
+def _terminate(signum, frame):
+    # SystemExit unwinds like Ctrl-C does, so half-written outputs are removed.
+    raise SystemExit(128 + signum)
+
+
 def run_cli(main: Callable[[], None], verbose: bool) -> None:
     """Run `main`, turning failures into one line on stderr and an exit code."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as e:

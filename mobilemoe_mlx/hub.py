@@ -24,9 +24,12 @@ def looks_like_repo_id(source: str) -> bool:
 
 
 def cache_root() -> Path:
-    """Where converted models live: $MOBILEMOE_MLX_HOME, else the XDG cache."""
+    """Where converted models live: $MOBILEMOE_MLX_HOME, else beside the Hub's
+    cache under $HF_HOME (users point it at a big disk), else the XDG cache."""
     if home := os.environ.get("MOBILEMOE_MLX_HOME"):
         return Path(home)
+    if hf_home := os.environ.get("HF_HOME"):
+        return Path(hf_home) / "mobilemoe-mlx"
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg) / "mobilemoe-mlx"
 
@@ -54,8 +57,9 @@ def _explain(repo_id: str, error: Exception) -> UserError:
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
         return UserError(
-            f"cannot reach the Hugging Face Hub and {repo_id} is not in the local "
-            "cache: connect to the network, or pass a local checkpoint path"
+            f"{repo_id} is not a local path and cannot be fetched: the Hugging Face Hub "
+            "is unreachable and the repo is not in the local cache; check the path, "
+            "connect to the network, or pass a local checkpoint path"
         )
     if isinstance(error, errors.HFValidationError):
         return UserError(f"{repo_id!r} is neither an existing path nor a Hub repo id")

@@ -8,13 +8,10 @@ from typing import Optional, Tuple
 
 import mlx.nn as nn
 
+from .checkpoint import WEIGHT_SUFFIXES
+from .convert import convert, is_converted  # noqa: F401 - is_converted is public here too
 from .errors import UserError
 from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
-
-
-def is_converted(path: Path) -> bool:
-    config = path / "config.json"
-    return path.is_dir() and config.exists() and "source_layout" in json.loads(config.read_text())
 
 
 def load_tokenizer(path: Path, eos_token_ids=None):
@@ -38,16 +35,33 @@ def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
 
     from .model import Model, ModelArgs
 
-    return load_model(
-        path, lazy=lazy, model_config={"model_file": None},
-        get_model_classes=lambda config: (Model, ModelArgs),
-    )
+    try:
+        return load_model(
+            path, lazy=lazy, model_config={"model_file": None},
+            get_model_classes=lambda config: (Model, ModelArgs),
+        )
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    except (FileNotFoundError, ValueError) as e:  # mlx-lm: no weights, or shapes that differ
+        raise UserError(f"cannot load {path}: {e}; convert the checkpoint again") from e
 
 
-def _local_cache_dir(path: Path) -> Path:
-    """Keyed by absolute path, size and modification time: a changed file converts again."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    key = hashlib.sha256(str(path.resolve()).encode())
+def conversion_dtype() -> Optional[str]:
+    """float32 where MLX runs on the CPU (its half-precision CPU kernels are
+    10-40x slower); the converter's default (float16 for QAT) on Metal."""
+    import mlx.core as mx
+
+    return None if mx.metal.is_available() else "float32"
+
+
+def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
+    """Keyed by absolute path and the size and modification time of the weights
+    and of the config and tokenizer beside them: a changed file converts again."""
+    folder = path if path.is_dir() else path.parent
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if path.is_file():
+        files = [path] + [f for f in files if f.suffix not in WEIGHT_SUFFIXES]
+    key = hashlib.sha256(f"{path.resolve()}:{dtype}".encode())
     for f in files:
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -57,15 +71,15 @@ def _local_cache_dir(path: Path) -> Path:
 def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
                       progress: bool = True) -> Path:
     """A converted directory for any source, converting into the cache once."""
-    from .convert import convert
-
+    dtype = conversion_dtype()
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if is_converted(path):
             return path
-        target = _local_cache_dir(path)
+        target = _local_cache_dir(path, dtype)
     elif looks_like_repo_id(path_or_repo):
-        target = converted_cache_dir(path_or_repo, resolve_revision(path_or_repo, revision))
+        commit = resolve_revision(path_or_repo, revision)
+        target = converted_cache_dir(path_or_repo, commit + (f"-{dtype}" if dtype else ""))
     else:
         raise UserError(f"{path_or_repo} is neither an existing path nor a Hub repo id (org/name)")
     if is_converted(target):
@@ -74,7 +88,8 @@ def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
         return target
     if progress:
         print(f"converting {path_or_repo} once into {target}", file=sys.stderr)
-    return convert(path_or_repo, str(target), revision=revision, force=True, progress=progress)
+    return convert(path_or_repo, str(target), dtype=dtype, revision=revision, force=True,
+                   progress=progress, require_tokenizer=True)
 
 
 def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,

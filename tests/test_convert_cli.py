@@ -127,6 +127,18 @@ def test_corrupt_file(good_qat, tmp_path):
     ({"interleave_moe_layer_step": 2}, "interleave_moe_layer_step"),
     ({"no_rope_layers": [1, 0]}, "without RoPE"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "full_attention"),
+    ({"no_rope_layers": [1]}, "no_rope_layers must list each of its 2 layers"),
+    ({"head_dim": None}, "head_dim must be a positive integer"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a positive integer"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be a positive integer"),
+    ({"rope_scaling": {"rope_type": "llama3"}}, "positive number for factor"),
+    ({"rope_scaling": None}, "no rope_scaling block"),
+    ({"rope_theta": "abc"}, "rope_theta"),
+    ({"scoring_func": "softmax"}, "scoring_func"),
+    ({"n_shared_experts": 2}, "n_shared_experts"),
+    ({"quantization": {"format": "other-int4", "group_size": 32}}, "only the released format"),
+    ({"quantization": {"group_size": 32, "expert_group_axis": "in"}}, "expert_group_axis"),
 ])
 def test_unsupported_config(good_qat, tmp_path, change, fragment):
     src = variant(good_qat, tmp_path / "src", config_changes=change)
@@ -152,7 +164,7 @@ def test_offline_hub_fetch(tmp_path):
     out = tmp_path / "out"
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_convert("facebook/MobileMoE-S-QAT", "--out", out, env=env)
-    assert_clean_failure(result, out, "cannot reach the Hugging Face Hub", "local checkpoint path")
+    assert_clean_failure(result, out, "Hugging Face Hub is unreachable", "local checkpoint path")
 
 
 def test_verbose_shows_the_traceback(good_qat, tmp_path):
@@ -160,3 +172,98 @@ def test_verbose_shows_the_traceback(good_qat, tmp_path):
     result = run_convert(src, "--out", tmp_path / "out", "--verbose")
     assert result.returncode == 2
     assert "Traceback" in result.stderr
+
+
+def test_config_that_is_not_an_object(good_qat, tmp_path):
+    src = variant(good_qat, tmp_path / "src")
+    (src / "config.json").write_text("[1, 2]")
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(src, "--out", out), out, "not a JSON object")
+
+
+def test_config_without_a_key_the_model_needs(good_qat, tmp_path):
+    src = variant(good_qat, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    del config["head_dim"]
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(src, "--out", out), out, "lacks head_dim")
+
+
+def test_unsupported_tensor_dtype_is_named(good_qat, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    # Same bytes as the fp16 scales, declared as an 8-bit float type instead.
+    src = variant(good_qat, tmp_path / "src",
+                  tensor_changes={name: mx.zeros((64, 4), dtype=mx.uint8)})
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header[name]["dtype"] = "F8_E4M3"
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(src, "--out", out), out, name, "F8_E4M3")
+
+
+def test_already_converted_source(good_qat, tmp_path):
+    converted = tmp_path / "mlx"
+    assert run_convert(good_qat, "--out", converted).returncode == 0
+    out = tmp_path / "again"
+    assert_clean_failure(run_convert(converted, "--out", out), out, "already converted")
+
+
+def test_force_never_replaces_an_unrelated_directory(good_qat, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not a model")
+    result = run_convert(good_qat, "--out", out, "--force")
+    assert result.returncode == 2 and "is not a converted model" in result.stderr
+    assert (out / "holiday.jpg").read_bytes() == b"not a model"
+
+
+def test_current_directory_as_out(good_qat, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "convert.py"), str(good_qat), "--out", ".", "--force"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "current directory" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_garbage_pickle(good_qat, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text((good_qat / "config.json").read_text())
+    (src / "model.pt").write_bytes(b"this is not a pickle" * 10)
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(src, "--out", out), out, "not a readable PyTorch checkpoint")
+
+
+def test_stale_partial_output_of_a_killed_run_is_swept(good_qat, tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.partial-999999999"  # no such process
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert run_convert(good_qat, "--out", out).returncode == 0
+    assert not stale.exists() and out.is_dir()
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    # run_cli turns SIGTERM into SystemExit, which the atomic writer unwinds.
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from mobilemoe_mlx.errors import run_cli\n"
+        "from mobilemoe_mlx.output_dir import atomic_output_dir\n"
+        "def main():\n"
+        "    with atomic_output_dir(Path(sys.argv[1])) as tmp:\n"
+        "        (tmp / 'model.safetensors').write_bytes(b'half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "run_cli(main, verbose=False)\n"
+    )
+    out = tmp_path / "nested" / "out"
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 128 + 15, result.stderr
+    assert not (tmp_path / "nested").exists()  # the parent it created is gone too

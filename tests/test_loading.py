@@ -79,3 +79,29 @@ def test_sharded_output_loads_like_a_single_file(checkpoint, tmp_path):
     a, _ = load(str(single))
     b, _ = load(str(sharded))
     assert mx.array_equal(a(ids), b(ids))
+
+
+def test_single_file_converts_again_when_its_config_changes(checkpoint, cache, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint, src)
+    load(str(src / "model.safetensors"))
+    (src / "config.json").write_text((src / "config.json").read_text() + "\n")
+    capsys.readouterr()
+    load(str(src / "model.safetensors"))
+    assert "converting" in capsys.readouterr().err
+
+
+def test_source_without_tokenizer_is_refused_before_converting(checkpoint, cache, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint, src)
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        load(str(src))
+    assert not list(cache.rglob("*.safetensors"))
+
+
+def test_broken_converted_config_is_a_clear_error(checkpoint, tmp_path):
+    out = convert(str(checkpoint), str(tmp_path / "mlx"), dtype="float32", progress=False)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load(str(out))
