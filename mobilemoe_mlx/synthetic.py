@@ -15,7 +15,6 @@ asked for (what benchmarks and tests need).
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import click
@@ -34,6 +33,7 @@ from .layout import (
     model_weights,
     source_tensors,
 )
+from .output_dir import atomic_output_dir, check_output_dir
 from .safetensors_writer import Group, write_shard
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
@@ -104,14 +104,19 @@ def _silence_stop_tokens(kind: str, tensor: mx.array) -> mx.array:
     return tensor
 
 
+def _is_synthetic(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("synthetic") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int = 0,
                     force: bool = False) -> Path:
     """Write a random checkpoint in the released `layout` (qat or bf16) at `preset`'s shape."""
-    out_path = Path(out)
     if layout not in (QAT, FUSED):
         raise UserError(f"--layout must be {QAT} or {FUSED}, not {layout}")
-    if out_path.exists() and not force:
-        raise UserError(f"{out_path} already exists; pass --force to replace it")
+    out_path = check_output_dir(out, force, _is_synthetic, "a synthetic checkpoint")
     config = preset_config(preset)
     config.update(bos_token_id=BOS_ID, eos_token_id=EOS_IDS, synthetic=True,
                   synthetic_note="random weights for tests and benchmarks; not a trained model")
@@ -135,19 +140,10 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
         groups.append(Group(specs, lambda m=makers: {
             n: _silence_stop_tokens(args[0], _random_tensor(*args)) for n, args in m.items()}))
 
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_dir(out_path) as tmp:
         write_shard(tmp / "model.safetensors", groups, fmt="pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(tmp, config["vocab_size"])
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        tmp.rename(out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
 
