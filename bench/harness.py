@@ -8,9 +8,11 @@ Prefill runs as mlx-lm runs it: all tokens but the last in chunks of
 `prefill_step`, evaluating the cache after each chunk, then the last token,
 whose logits give the first generated token (TTFT = all of that).
 Decode first fills a cache to the requested context the same way (untimed),
-snapshots it, and for every repeat generates `gen_tokens` greedy tokens from a
-copy of the snapshot, timing the host-side graph building of each step (the
-Python work before `mx.eval`) apart from the whole step.
+keeps a copy of it in host memory (NumPy, outside MLX's memory accounting),
+and for every repeat generates `gen_tokens` greedy tokens from a fresh MLX copy
+of it, timing the host-side graph building of each step (the Python work
+before `mx.eval`) apart from the whole step. Steps are timed synchronously:
+each is evaluated before the next is built (no `mx.async_eval` pipelining).
 """
 
 import copy
@@ -27,6 +29,7 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from mobilemoe_mlx import analytic
@@ -192,14 +195,47 @@ def decode(model: nn.Module, y: mx.array, cache, n: int):
     return time.perf_counter() - t0, steps, builds
 
 
-def snapshot(cache):
-    """An independent copy of a filled cache (its arrays are copied on write)."""
+def _to_host(a: mx.array):
+    if a.dtype == mx.bfloat16:  # NumPy has no bfloat16: keep the bits
+        return np.array(a.view(mx.uint16)), mx.bfloat16
+    return np.array(a), None
+
+
+def _to_device(h) -> mx.array:
+    data, view = h
+    a = mx.array(data)
+    return a.view(view) if view is not None else a
+
+
+def offload(cache):
+    """A copy of a filled cache in host (NumPy) memory.
+
+    The decode phase measures the peak of MLX's memory while one cache is
+    decoded. The copy every repeat starts from must not be counted in it: a
+    second MLX copy would stay alive during the phase and add a whole KV cache
+    to the peak. NumPy memory is outside `mx.get_peak_memory()`, so the peak
+    holds exactly the weights, the cache being decoded and the temporaries.
+    (Subtracting the copy's nbytes instead would be off by the allocator's
+    rounding, and wrong whenever the copy shares a buffer with the cache.)"""
     out = []
     for c in cache:
         c2 = copy.copy(c)
         if getattr(c, "keys", None) is not None:
-            c2.keys, c2.values = mx.array(c.keys), mx.array(c.values)
+            c2.keys, c2.values = _to_host(c.keys), _to_host(c.values)
         out.append(c2)
+    return out
+
+
+def restore(host_cache):
+    """A fresh, evaluated MLX cache from `offload()`'s copy (independent of it)."""
+    out = []
+    for c in host_cache:
+        c2 = copy.copy(c)
+        if getattr(c, "keys", None) is not None:
+            c2.keys, c2.values = _to_device(c.keys), _to_device(c.values)
+        out.append(c2)
+    mx.eval([c.keys for c in out if getattr(c, "keys", None) is not None]
+            + [c.values for c in out if getattr(c, "values", None) is not None])
     return out
 
 
@@ -268,6 +304,7 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
     record["prefill"], record["decode"] = [], []
     save()
     name = built.label
+    quant, kv_dtype = built.quant, built.dtype
 
     for p in s.prompt_lengths:
         toks = vocab_tokens(s.prompts, p)
@@ -290,6 +327,7 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
             "tokens_per_s": stats([p / t for t in ttft]),
             "peak_memory_bytes": max(peaks),
             "kv_cache_bytes": kv,
+            "kv_cache_bytes_analytic": analytic.kv_cache_bytes(config, p, kv_dtype),
             "rss_bytes": rss_bytes(),
         })
         save()
@@ -304,12 +342,12 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
         fill_peak = mx.get_peak_memory()
         filled = cache[0].offset
         kv = cache_bytes(cache)
-        base = snapshot(cache)
+        base = offload(cache)  # host memory: not part of the decode peak
         del cache
         progress.update(c, f"{name}: fill cache to {c}")
         tps, step_med, build_med, peaks = [], [], [], []
         for r in range(s.warmup + s.repeats):
-            run_cache = snapshot(base)
+            run_cache = restore(base)
             start_phase()
             total, steps, builds = decode(model, y, run_cache, s.gen_tokens)
             if r >= s.warmup:
@@ -332,11 +370,11 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
             "fill_s": fill_s,
             "fill_peak_memory_bytes": fill_peak,
             "kv_cache_bytes": kv,
+            "kv_cache_bytes_analytic": analytic.kv_cache_bytes(config, filled, kv_dtype),
             "rss_bytes": rss_bytes(),
         }
         if s.bandwidth_gbps:
-            bound = analytic.decode_bound(config, c, s.bandwidth_gbps, quant_of(built, s),
-                                          kv_dtype=s.dtype)
+            bound = analytic.decode_bound(config, c, s.bandwidth_gbps, quant, kv_dtype=kv_dtype)
             entry["bandwidth_bound_tokens_per_s"] = bound
             entry["fraction_of_bound"] = statistics.median(tps) / bound
         record["decode"].append(entry)
@@ -345,7 +383,7 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
 
     if built.family == "moe" and s.routing_tokens:
         record["routing"] = {"tokens": s.routing_tokens, "prompts": {}}
-        per_expert = analytic.weight_bytes(config, quant_of(built, s))["per_expert"]
+        per_expert = analytic.weight_bytes(config, quant)["per_expert"]
         recorder = ExpertRecorder(model)
         try:
             for kind in ("real", "random", "repeat"):
@@ -368,18 +406,5 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
             r["real"]["peak_memory_bytes"] - r["repeat"]["peak_memory_bytes"])
         record["routing"]["real_minus_repeat_touched_bytes"] = (
             r["real"]["touched_expert_bytes"] - r["repeat"]["touched_expert_bytes"])
-    record["memory"]["rss_peak_bytes"] = peak_rss_bytes()
     record["complete"] = True
     save()
-
-
-def quant_of(built, s: Settings) -> analytic.Quant:
-    """The storage the analytic model should assume for a built model."""
-    q = built.config.get("quantization") or {}
-    if built.synthetic:
-        return analytic.Quant(bits=s.bits, group_size=s.group_size, scale_dtype="float16",
-                              embedding_scale_dtype=s.dtype, dtype=s.dtype)
-    if not q:
-        return analytic.Quant(bits=None, dtype=s.dtype)
-    return analytic.Quant(bits=q.get("bits", 4), group_size=q.get("group_size", 32),
-                          scale_dtype="float16", dtype="float16")

@@ -18,12 +18,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS, preset_config
 from mobilemoe_mlx.errors import UserError
 
 DENSE_NAMES = ("pro", "pro-tiny")
 MODEL_NAMES = (*PRESETS, *DENSE_NAMES)
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization supports
+GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -36,6 +39,49 @@ class Built:
     synthetic: bool
     source: str  # "synthetic" or the checkpoint path
     tokenizer: object = None  # the checkpoint's tokenizer, if it has one
+    dtype: str = "float32"  # activations and KV cache (a checkpoint's own weight dtype)
+    quant: analytic.Quant = analytic.Quant()  # how the weights are stored
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def storage_of(model: nn.Module):
+    """(activation dtype, analytic.Quant) read from a loaded model's weights.
+
+    The activation dtype is the model's floating weight dtype: the norms' (the
+    embedding's scales when it is quantized decide the residual stream, and a
+    converted checkpoint stores both in its one dtype). Scales and biases,
+    bits and group size come from the quantized modules; the router and the
+    expert-selection bias are float32 whatever the checkpoint's dtype."""
+    modules = dict(model.named_modules())
+    quantized = [(p, m) for p, m in modules.items()
+                 if hasattr(m, "scales") and hasattr(m, "bits")]
+    norms = [m.weight.dtype for m in modules.values() if isinstance(m, nn.RMSNorm)]
+    embed = next((m for p, m in modules.items() if p.endswith("embed_tokens")), None)
+    if embed is not None and hasattr(embed, "scales"):
+        act = embed.scales.dtype
+    elif norms:
+        act = norms[0]
+    else:
+        act = embed.weight.dtype if embed is not None else mx.float32
+    norm_dtype = dtype_name(norms[0] if norms else act)
+    if not quantized:
+        return dtype_name(act), analytic.Quant(bits=None, dtype=norm_dtype)
+    linear = [m for p, m in quantized if not p.endswith("embed_tokens")] or [quantized[0][1]]
+    first = linear[0]
+    emb_scale = dtype_name(embed.scales.dtype) if embed is not None and hasattr(
+        embed, "scales") else None
+    return dtype_name(act), analytic.Quant(
+        bits=first.bits, group_size=first.group_size, scale_dtype=dtype_name(first.scales.dtype),
+        embedding_scale_dtype=emb_scale, dtype=norm_dtype)
+
+
+def describe_storage(bits, group_size, dtype: str) -> str:
+    """"INT4 g32 weights, float32 activations" (or unquantized)."""
+    w = f"INT{bits} g{group_size} weights" if bits else "unquantized weights"
+    return f"{w}, {dtype} activations"
 
 
 def tiny_pro_config() -> dict:
@@ -134,35 +180,62 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     for layer in model.layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
-    return Built(name, label(name), model, config, family(config), True, "synthetic")
+    quant = analytic.Quant(bits=bits, group_size=group_size, scale_dtype="float16",
+                           embedding_scale_dtype=dtype, dtype=dtype)
+    return Built(name, label(name), model, config, family(config), True, "synthetic",
+                 dtype=dtype, quant=quant)
 
 
-def check_checkpoint(path: str) -> Path:
-    """The directory if it is a converted MobileMoE model, else a one-line UserError."""
+def check_quantizable(name: str, bits: int, group_size: int) -> None:
+    """A one-line UserError unless MLX can quantize preset `name` at bits/group_size."""
+    if bits not in BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                        f"not {group_size}")
+    config = model_config(name)
+    Model, ModelArgs = model_class(config)
+    model = Model(ModelArgs.from_dict(config))  # lazy: nothing is computed
+    for path, m in model.named_modules():
+        if _not_router(path, m) and m.weight.shape[-1] % group_size:
+            raise UserError(f"--group-size {group_size} does not divide {name}'s {path} "
+                            f"input width {m.weight.shape[-1]}; choose a smaller group size")
+
+
+def check_checkpoint(path: str, option: str = "--weights") -> Path:
+    """The directory if it is a converted MobileMoE model, else a one-line UserError
+    naming `option` (the command-line option that gave the path)."""
     from mobilemoe_mlx.loading import is_converted
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"--weights {path}: no such directory")
+        raise UserError(f"{option} {path}: no such directory")
     if not p.is_dir() or not (p / "config.json").exists():
-        raise UserError(f"--weights {path}: not a converted model directory (no config.json)")
+        raise UserError(f"{option} {path}: not a converted model directory (no config.json)")
     try:
         converted = is_converted(p)
     except json.JSONDecodeError as e:
-        raise UserError(f"--weights {path}: config.json is not valid JSON ({e})") from e
+        raise UserError(f"{option} {path}: config.json is not valid JSON ({e})") from e
     if not converted:
-        raise UserError(f"--weights {path}: not a converted MobileMoE directory; "
+        raise UserError(f"{option} {path}: not a converted MobileMoE directory; "
                         "run `python convert.py SOURCE --out DIR` first")
     if not list(p.glob("*.safetensors")):
-        raise UserError(f"--weights {path}: no .safetensors weights in the directory")
+        raise UserError(f"{option} {path}: no .safetensors weights in the directory")
     return p
 
 
-def load_checkpoint(path: str) -> Built:
-    """A converted MobileMoE directory (made by convert.py), with a clear error otherwise."""
+def is_checkpoint_name(name: str) -> bool:
+    """True when a --models entry names a directory rather than a preset."""
+    return name not in MODEL_NAMES and (Path(name).expanduser().exists() or "/" in name)
+
+
+def load_checkpoint(path: str, option: str = "--weights") -> Built:
+    """A converted MobileMoE directory (made by convert.py), with a clear error
+    otherwise. Its dtypes, bits and group size are read from the loaded weights:
+    a checkpoint runs in its own dtype."""
     from mobilemoe_mlx.loading import load_converted
 
-    p = check_checkpoint(path)
+    p = check_checkpoint(path, option)
     model, config = load_converted(p)
     mx.eval(model.parameters())
     try:
@@ -171,19 +244,20 @@ def load_checkpoint(path: str) -> Built:
         tokenizer = load_tokenizer(p, config.get("eos_token_id"))
     except Exception:  # noqa: BLE001 - prompts fall back to the hashing tokenizer
         tokenizer = None
+    dtype, quant = storage_of(model)
     return Built(str(p), f"{p.name} (checkpoint)", model, config, "moe", False, str(p),
-                 tokenizer)
+                 tokenizer, dtype=dtype, quant=quant)
 
 
 def build(name: str, weights: Optional[str] = None, **kwargs) -> Built:
     """A model by name: `weights` (a converted directory) replaces a MoE preset's
     synthetic weights; a name that is a directory is loaded as a checkpoint."""
+    if is_checkpoint_name(name):
+        return load_checkpoint(name, "--models")
     if weights is not None and name not in DENSE_NAMES:
         built = load_checkpoint(weights)
         built.name = name
         return built
-    if name not in MODEL_NAMES and (Path(name).expanduser().exists() or "/" in name):
-        return load_checkpoint(name)
     return build_synthetic(name, **kwargs)
 
 

@@ -1,55 +1,79 @@
-"""results.json, schema "mobilemoe-bench/results", version 1.
+"""results.json, schema "mobilemoe-bench/results", version 2.
 
 Sizes are bytes, times seconds, rates tokens per second. A timing is a
 `stats` object: {"median", "min", "max", "runs": [every timed repeat]}.
 
-    schema, schema_version      "mobilemoe-bench/results", 1
+    schema, schema_version      "mobilemoe-bench/results", 2
     created                     ISO 8601 time the run started
     interrupted                 true when Ctrl-C stopped the run; phases present are complete
+    rss_peak_bytes              peak RSS of the whole process so far (getrusage), updated at
+                                every save: one figure for the run, since RSS is process-wide
     machine                     chip, cpu, machine, os, memory_bytes, cpu_count, python,
                                 mlx, mlx_lm, backend ("Metal" | "CPU"), default_device
     settings                    prompt_lengths, decode_contexts, gen_tokens, repeats, warmup,
                                 prompts ("real" | "random" | "repeat"), prefill_step,
-                                routing_tokens, dtype (activations and KV cache), bits,
-                                group_size, seed, bandwidth_gbps, bandwidth_source
+                                routing_tokens, dtype (activations and KV cache of the
+                                synthetic models), bits, group_size (of the synthetic
+                                models), seed, bandwidth_gbps, bandwidth_source
     models[]                    one entry per model, in the order run
       name, label               as given (S, pro, a path) and as shown
       family                    "moe" | "dense"
       synthetic, source         random weights at the published shape, or the checkpoint path
       config                    the model's config dict
+      dtype                     activations and KV cache of this model: settings.dtype for a
+                                synthetic model, the checkpoint's own weight dtype otherwise
+      quant                     bits (null: unquantized), group_size, scale_dtype,
+                                embedding_scale_dtype, dtype (norms): as stored, read from
+                                the loaded weights for a checkpoint
       analytic                  mobilemoe_mlx.analytic.summary(): params {total, active, embedding,
                                 routed_experts}, weight_bytes {total, embedding, per_expert,
                                 routed_experts, decode_read_per_token}, kv_bytes_per_token,
-                                kv_cache_bytes / decode_flops_per_token /
-                                prefill_flops_per_token keyed by context
+                                kv_cache_bytes / decode_flops_per_token keyed by the run's
+                                decode_contexts, prefill_flops_per_token keyed by its
+                                prompt_lengths
       memory                    weights_bytes (sum of parameter nbytes), active_after_load_bytes,
-                                rss_bytes, rss_peak_bytes (process peak at the end)
+                                rss_bytes
       prefill[]                 prompt_tokens, ttft_s (stats), tokens_per_s (stats),
-                                peak_memory_bytes (phase peak), kv_cache_bytes, rss_bytes
+                                peak_memory_bytes (phase peak), kv_cache_bytes (the cache's
+                                buffers: mlx-lm allocates them in 256-token steps),
+                                kv_cache_bytes_analytic (exact tokens), rss_bytes
       decode[]                  context (asked), context_filled (cache offset before decoding),
                                 gen_tokens, tokens_per_s, step_s (median step per repeat),
                                 graph_build_s (median host graph-building time per step),
                                 graph_build_fraction, peak_memory_bytes (decode phase peak),
-                                fill_s, fill_peak_memory_bytes, kv_cache_bytes, rss_bytes,
-                                and with a bandwidth: bandwidth_bound_tokens_per_s,
-                                fraction_of_bound
+                                fill_s, fill_peak_memory_bytes, kv_cache_bytes,
+                                kv_cache_bytes_analytic, rss_bytes, and with a bandwidth:
+                                bandwidth_bound_tokens_per_s, fraction_of_bound. The decode
+                                peak holds the weights, the one cache being decoded and the
+                                temporaries (the copy repeats start from is kept in host
+                                memory, outside MLX's accounting)
       routing                   MoE only: tokens, prompts {real|random|repeat: layers[]
                                 {distinct, entropy, max_over_mean}, mean_distinct,
                                 mean_entropy, touched_expert_bytes, peak_memory_bytes},
                                 real_minus_repeat_peak_bytes, real_minus_repeat_touched_bytes
       complete                  true once every phase of this model was measured (absent
                                 on the model an interrupted run was measuring)
+
+Changes. Version 2: rss_peak_bytes moved from models[].memory to the top level
+(it was the process's peak, not the model's); models[].dtype and .quant added
+(a checkpoint's own dtypes); analytic figures keyed by the run's own contexts
+and prompt lengths instead of fixed 256/1024/4096/8192; kv_cache_bytes_analytic
+added to prefill[] and decode[]; the decode peak no longer includes a second
+copy of the KV cache. `python -m bench report` still reads version 1 files.
 """
 
 SCHEMA = "mobilemoe-bench/results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # what `bench report` can rebuild a report from
 
-TOP_KEYS = ("schema", "schema_version", "created", "interrupted", "machine", "settings", "models")
-MODEL_KEYS = ("name", "label", "family", "synthetic", "source", "config", "analytic", "memory",
-              "prefill", "decode")
-PREFILL_KEYS = ("prompt_tokens", "ttft_s", "tokens_per_s", "peak_memory_bytes", "kv_cache_bytes")
+TOP_KEYS = ("schema", "schema_version", "created", "interrupted", "machine", "settings",
+            "rss_peak_bytes", "models")
+MODEL_KEYS = ("name", "label", "family", "synthetic", "source", "config", "dtype", "quant",
+              "analytic", "memory", "prefill", "decode")
+PREFILL_KEYS = ("prompt_tokens", "ttft_s", "tokens_per_s", "peak_memory_bytes", "kv_cache_bytes",
+                "kv_cache_bytes_analytic")
 DECODE_KEYS = ("context", "context_filled", "gen_tokens", "tokens_per_s", "step_s",
-               "graph_build_s", "peak_memory_bytes", "kv_cache_bytes")
+               "graph_build_s", "peak_memory_bytes", "kv_cache_bytes", "kv_cache_bytes_analytic")
 STATS_KEYS = ("median", "min", "max", "runs")
 
 
@@ -60,6 +84,8 @@ def check(results: dict) -> list:
         problems.append("wrong schema or version")
     for m in results.get("models", []):
         problems += [f"{m.get('name')}: missing {k}" for k in MODEL_KEYS if k not in m]
+        if "rss_peak_bytes" in m.get("memory", {}):
+            problems.append(f"{m.get('name')}: rss_peak_bytes belongs at the top level (v2)")
         for phase, keys in (("prefill", PREFILL_KEYS), ("decode", DECODE_KEYS)):
             for e in m.get(phase, []):
                 problems += [f"{m['name']} {phase}: missing {k}" for k in keys if k not in e]

@@ -38,10 +38,23 @@ def hash_encode(text: str, vocab_size: int) -> list:
     return out
 
 
+def tokenizer_encode(tokenizer, text: str) -> list:
+    """`tokenizer.encode(text)`, one paragraph at a time: each piece stays under the
+    tokenizer's model_max_length, so transformers does not warn that the "sequence
+    length is longer than the specified maximum" (the ids are only cycled into
+    prompts, never fed whole). Special tokens (BOS) come with the first piece only."""
+    ids = []
+    for i, piece in enumerate(p for p in re.split(r"(?<=\n\n)", text) if p):
+        ids += tokenizer.encode(piece) if i == 0 else tokenizer.encode(
+            piece, add_special_tokens=False)
+    return ids
+
+
 @lru_cache(maxsize=8)
 def _real_ids(vocab_size: int, tokenizer_id: int, tokenizer=None) -> tuple:
     text = real_text()
-    ids = tokenizer.encode(text) if tokenizer is not None else hash_encode(text, vocab_size)
+    ids = (tokenizer_encode(tokenizer, text) if tokenizer is not None
+           else hash_encode(text, vocab_size))
     return tuple(i for i in ids if i < vocab_size)
 
 
