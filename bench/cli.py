@@ -1,5 +1,7 @@
 """`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner."""
 
+import sys
+
 import click
 
 from mobilemoe_mlx.errors import UserError, run_cli
@@ -12,6 +14,19 @@ QUICK = dict(models="tiny,pro-tiny", prompt_lengths="16,32", decode_contexts="16
 FULL = dict(models="S,pro", prompt_lengths="512,1024,2048,4096,8192",
             decode_contexts="256,1024,4096,8192", gen_tokens=128, repeats=5, warmup=1,
             routing_tokens=1024)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_quant(bits: int, group_size: int) -> None:
+    from .models import BITS, GROUP_SIZES
+
+    _check(bits in BITS, f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+    _check(group_size in GROUP_SIZES, "--group-size must be one of "
+           f"{', '.join(map(str, GROUP_SIZES))} (MLX's affine quantization), not {group_size}")
 
 
 def _ints(text: str, option: str):
@@ -47,8 +62,10 @@ def main():
 @click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Activation and KV dtype. [default: float16 on Metal, float32 on CPU]")
-@click.option("--bits", type=int, default=4, show_default=True, help="Synthetic weight bits.")
-@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="Synthetic weight bits (2, 3, 4, 5, 6 or 8).")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="Synthetic weight group size (32, 64 or 128).")
 @click.option("--prefill-step", type=int, default=2048, show_default=True,
               help="Prefill chunk size (as mlx-lm's prefill_step_size).")
 @click.option("--bandwidth", type=float, help="Memory bandwidth in GB/s for the decode limit "
@@ -72,8 +89,16 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
             gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
             routing_tokens=routing_tokens).items() if v is not None}
         opts = {**d, **pick}
-        if opts["repeats"] < 1 or opts["gen_tokens"] < 1 or opts["warmup"] < 0:
-            raise UserError("--repeats and --gen-tokens must be >= 1, --warmup >= 0")
+        _check(opts["repeats"] >= 1, f"--repeats must be at least 1, not {opts['repeats']}")
+        _check(opts["gen_tokens"] >= 1,
+               f"--gen-tokens must be at least 1, not {opts['gen_tokens']}")
+        _check(opts["warmup"] >= 0, f"--warmup must be 0 or more, not {opts['warmup']}")
+        _check(opts["routing_tokens"] >= 0,
+               f"--routing-tokens must be 0 (skip) or more, not {opts['routing_tokens']}")
+        _check(prefill_step >= 1, f"--prefill-step must be at least 1, not {prefill_step}")
+        _check(bandwidth is None or bandwidth > 0,
+               f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
+        _check_quant(bits, group_size)
         metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
         s = Settings(
             prompt_lengths=_ints(opts["prompt_lengths"], "--prompt-lengths"),
@@ -85,8 +110,11 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         names = [m.strip() for m in opts["models"].split(",") if m.strip()]
         if not names:
             raise UserError("--models names no model")
-        run_benchmark(names, s, out, weights=weights, progress=not no_progress,
-                      plots=not no_plots, log=lambda m: click.echo(m, err=True))
+        try:
+            run_benchmark(names, s, out, weights=weights, progress=not no_progress,
+                          plots=not no_plots, log=lambda m: click.echo(m, err=True))
+        except KeyboardInterrupt:
+            sys.exit(130)  # run_benchmark said "interrupted" and wrote the report
         click.echo(f"wrote {out}/results.json and {out}/report.md")
 
     run_cli(go, verbose)
@@ -100,8 +128,11 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
 def report(run_dir, other, no_plots, verbose):
     """Rebuild RUN_DIR/report.md (and plots) from RUN_DIR/results.json."""
     def go():
-        from .report import write_comparison, write_report
+        from .report import load_results, write_comparison, write_report
 
+        load_results(run_dir)
+        if other:
+            load_results(other)  # both must be readable before anything is rewritten
         click.echo(f"wrote {write_report(run_dir, plots=not no_plots)}")
         if other:
             click.echo(f"wrote {write_comparison(run_dir, other)}")
@@ -115,8 +146,10 @@ def report(run_dir, other, no_plots, verbose):
 @click.option("--context", type=int, default=8192, show_default=True)
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,
               help="KV cache bits (16: float16, unquantized).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits.")
-@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="Weight bits (2, 3, 4, 5, 6 or 8).")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="Weight group size (32, 64 or 128).")
 @click.option("--budget-gb", type=float, multiple=True, help="Extra budgets to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--verbose", is_flag=True)
@@ -130,8 +163,9 @@ def plan(model, context, kv_bits, bits, group_size, budget_gb, as_json, verbose)
 
         from .models import config_for
 
-        if context < 1:
-            raise UserError("--context must be positive")
+        _check(context >= 1, f"--context must be at least 1, not {context}")
+        _check_quant(bits, group_size)
+        _check(all(b > 0 for b in budget_gb), "--budget-gb must be positive")
         budgets = {**PHONE_BUDGETS, "this machine's RAM": machine_ram()}
         budgets.update({f"{b:g} GB": b * 1e9 for b in budget_gb})
         p = make_plan(config_for(model), context, kv_bits=None if kv_bits == "16" else int(kv_bits),

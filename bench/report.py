@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.planner import human_bytes as hb
+from mobilemoe_mlx.planner import human_count
 
-from .schema import SCHEMA, SCHEMA_VERSION
+from .schema import READABLE_VERSIONS, SCHEMA
 
 PAPER = Path(__file__).parent / "paper_numbers.json"
-GB, MB = 1e9, 1e6
+GB = 1e9
+PAPER_MOE = ("S", "M", "L")
 
 
 def load_results(path) -> dict:
@@ -27,8 +30,9 @@ def load_results(path) -> dict:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p} is not valid JSON ({e})") from e
-    if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{p} is not a results file of schema {SCHEMA} v{SCHEMA_VERSION}")
+    if data.get("schema") != SCHEMA or data.get("schema_version") not in READABLE_VERSIONS:
+        raise UserError(f"{p} is not a results file of schema {SCHEMA} "
+                        f"v{'/'.join(map(str, READABLE_VERSIONS))}")
     return data
 
 
@@ -36,14 +40,15 @@ def paper_numbers() -> dict:
     return json.loads(PAPER.read_text())
 
 
-def _key(model: dict) -> Optional[str]:
-    """The paper's name for a model entry (S, M, L, pro) if it has one."""
-    n = model["name"]
-    return n if n in ("S", "M", "L", "pro") else None
-
-
 def _range(st: dict, fmt="{:.2f}") -> str:
     return f"{fmt.format(st['median'])} ({fmt.format(st['min'])}-{fmt.format(st['max'])})"
+
+
+def _secs(st: dict) -> str:
+    """A time's median (min-max), in ms when the median is under a second."""
+    scale, unit = (1e3, "ms") if st["median"] < 1 else (1, "s")
+    return (f"{st['median'] * scale:.2f} ({st['min'] * scale:.2f}-{st['max'] * scale:.2f}) "
+            f"{unit}")
 
 
 def _pairs(models: List[dict]):
@@ -71,42 +76,66 @@ def _paper_decode(paper, c: int, moe: str = "S") -> str:
     return "; ".join(bits) or "-"
 
 
-def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
-    """The markdown report of one run."""
+def _paper_moe(pairs) -> List[str]:
+    """The paper's MoE sizes to show decode ratios for: those run (S, M, L), else S."""
+    run = [a["name"] for a, _ in pairs if a["name"] in PAPER_MOE]
+    return list(dict.fromkeys(run)) or ["S"]
+
+
+def _storage(x: dict, s: dict) -> str:
+    """"float32, INT4 g32" for a model entry (v1 files: the run's settings)."""
+    q = x.get("quant") or {"bits": s["bits"], "group_size": s["group_size"]}
+    w = f"INT{q['bits']} g{q['group_size']}" if q.get("bits") else "unquantized"
+    return f"{x.get('dtype', s['dtype'])}, {w}"
+
+
+def build_report(results: dict, plots=None) -> str:
+    """The markdown report of one run. `plots`: the PNG paths; None when
+    matplotlib is missing; "skipped" when plots were not asked for."""
     paper = paper_numbers()
     m, s = results["machine"], results["settings"]
     out = ["# MobileMoE benchmark report", ""]
     out += [
         f"- Device: {m['chip']} ({m['machine']}), {m['memory_bytes'] / GB:.1f} GB RAM, {m['os']}",
-        f"- MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, backend **{m['backend']}**, activations "
-        f"{s['dtype']}, INT{s['bits']} group {s['group_size']} weights",
+        f"- MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, backend **{m['backend']}**; synthetic models: "
+        f"activations {s['dtype']}, INT{s['bits']} group {s['group_size']} weights "
+        "(a checkpoint keeps its own, see Models)",
         f"- Prompts: {s['prompts']}; prefill step {s['prefill_step']}; {s['warmup']} warm-up + "
         f"{s['repeats']} timed repeats, median (min-max); {s['gen_tokens']} decode tokens per run",
         f"- Run at {results['created']}" + (" (**interrupted: partial results**)"
                                               if results.get("interrupted") else ""),
     ]
+    if results.get("rss_peak_bytes"):
+        out.append(f"- Peak RSS of the whole run (process-wide): {hb(results['rss_peak_bytes'])}")
     if any(x["synthetic"] for x in results["models"]):
-        out.append("- Synthetic weights at the exact published shapes (random INT4 values: "
+        out.append(f"- Synthetic weights at the exact published shapes (random INT{s['bits']} values: "
                    "speed and memory are those of the real models; outputs are meaningless)")
     if m["backend"] != "Metal":
         out += ["", "> **CPU backend.** MLX's CPU kernels are scalar and single-threaded: the "
                 "times below say nothing about an Apple device. Memory, bytes and FLOPs carry over."]
     out += ["", "## Models", "",
-            "| model | params total / active | weights measured | weights analytic | "
-            "read per decode token | KV per token |", "|---|---|---|---|---|---|"]
+            "| model | activations, weights | params total / active | weights measured | "
+            "weights analytic | read per decode token | KV per token |",
+            "|---|---|---|---|---|---|---|"]
     for x in results["models"]:
         a = x["analytic"]
+        measured = x.get("memory", {}).get("weights_bytes")
         out.append(
-            f"| {x['label']} | {a['params']['total'] / 1e9:.3f}B / "
-            f"{a['params']['active'] / 1e6:.0f}M | "
-            f"{x.get('memory', {}).get('weights_bytes', 0) / GB:.3f} GB | "
-            f"{a['weight_bytes']['total'] / GB:.3f} GB | "
-            f"{a['weight_bytes']['decode_read_per_token'] / MB:.0f} MB | "
-            f"{a['kv_bytes_per_token'] / 1e3:.1f} KB |")
+            f"| {x['label']} | {_storage(x, s)} | {human_count(a['params']['total'])} / "
+            f"{human_count(a['params']['active'])} | "
+            f"{hb(measured) if measured is not None else '-'} | "
+            f"{hb(a['weight_bytes']['total'])} | "
+            f"{hb(a['weight_bytes']['decode_read_per_token'])} | "
+            f"{hb(a['kv_bytes_per_token'])} |")
     pairs = _pairs(results["models"])
+    paper_moe = _paper_moe(pairs)
+    h = paper["headline_speedup"]
+    out += ["", f"Paper headline (all settings, MobileMoE-S over MobileLLM-Pro): "
+            f"{h['prefill'][0]}-{h['prefill'][1]}x faster prefill, "
+            f"{h['decode'][0]}-{h['decode'][1]}x faster decode."]
 
     out += ["", "## Prefill (time to first token)", ""]
-    head = "| prompt | " + " | ".join(f"{x['label']} TTFT s | tok/s" for x in results["models"])
+    head = "| prompt | " + " | ".join(f"{x['label']} TTFT | tok/s" for x in results["models"])
     head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs) + " | paper (S vs Pro) |"
     out += [head, "|" + "---|" * (2 + 2 * len(results["models"]) + len(pairs))]
     lengths = sorted({e["prompt_tokens"] for x in results["models"] for e in x.get("prefill", [])})
@@ -114,7 +143,7 @@ def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
         row = [str(p)]
         for x in results["models"]:
             e = _by(x.get("prefill", []), "prompt_tokens").get(p)
-            row += [_range(e["ttft_s"]), f"{e['tokens_per_s']['median']:.1f}"] if e else ["-", "-"]
+            row += [_secs(e["ttft_s"]), f"{e['tokens_per_s']['median']:.1f}"] if e else ["-", "-"]
         for a, b in pairs:
             ea = _by(a.get("prefill", []), "prompt_tokens").get(p)
             eb = _by(b.get("prefill", []), "prompt_tokens").get(p)
@@ -127,8 +156,9 @@ def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
             "Cache filled to the context first (untimed), then greedy tokens timed one by one. "
             "`build` is host-side graph building per step (Python, before `mx.eval`).", ""]
     head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms" for x in results["models"])
-    head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs) + " | paper (S vs Pro) |"
-    out += [head, "|" + "---|" * (2 + 2 * len(results["models"]) + len(pairs))]
+    head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs)
+    head += "".join(f" | paper ({k} vs Pro)" for k in paper_moe) + " |"
+    out += [head, "|" + "---|" * (1 + 2 * len(results["models"]) + len(pairs) + len(paper_moe))]
     contexts = sorted({e["context"] for x in results["models"] for e in x.get("decode", [])})
     for c in contexts:
         row = [str(c)]
@@ -141,7 +171,7 @@ def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
             eb = _by(b.get("decode", []), "context").get(c)
             row.append(f"{ea['tokens_per_s']['median'] / eb['tokens_per_s']['median']:.2f}x"
                        if ea and eb else "-")
-        row.append(_paper_decode(paper, c))
+        row += [_paper_decode(paper, c, k) for k in paper_moe]
         out.append("| " + " | ".join(row) + " |")
     if s.get("bandwidth_gbps"):
         out += ["", f"Memory-bound decode limit at {s['bandwidth_gbps']:.1f} GB/s "
@@ -156,20 +186,31 @@ def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
 
     out += ["", "## Memory", "",
             "Peak = `mx.get_peak_memory()` within the phase (reset before it): weights + KV cache "
-            "+ temporaries. RSS is the whole process.", "",
-            "| model | phase | setting | peak | KV cache | RSS |", "|---|---|---|---|---|---|"]
+            "+ temporaries (decode: the one cache being decoded). KV measured is the cache's "
+            "buffers, which mlx-lm allocates in 256-token steps, so it can exceed the analytic "
+            "KV (exact tokens) by up to 255 tokens per layer. RSS is the whole process.", "",
+            "| model | phase | setting | peak | KV measured | KV analytic | RSS |",
+            "|---|---|---|---|---|---|---|"]
+
+    def kv_analytic(e):
+        return hb(e["kv_cache_bytes_analytic"]) if "kv_cache_bytes_analytic" in e else "-"
+
+    def rss(e):
+        return hb(e["rss_bytes"]) if e.get("rss_bytes") else "-"
+
     for x in results["models"]:
         mem = x.get("memory", {})
-        out.append(f"| {x['label']} | weights | resident | {mem.get('weights_bytes', 0) / GB:.3f} GB"
-                   f" | - | {(mem.get('rss_bytes') or 0) / GB:.2f} GB |")
+        out.append(f"| {x['label']} | weights | resident | "
+                   f"{hb(mem['weights_bytes']) if 'weights_bytes' in mem else '-'} | - | - | "
+                   f"{rss(mem)} |")
         for e in x.get("prefill", []):
             out.append(f"| {x['label']} | prefill | {e['prompt_tokens']} tokens | "
-                       f"{e['peak_memory_bytes'] / GB:.3f} GB | {e['kv_cache_bytes'] / MB:.1f} MB | "
-                       f"{(e.get('rss_bytes') or 0) / GB:.2f} GB |")
+                       f"{hb(e['peak_memory_bytes'])} | {hb(e['kv_cache_bytes'])} | "
+                       f"{kv_analytic(e)} | {rss(e)} |")
         for e in x.get("decode", []):
             out.append(f"| {x['label']} | decode | context {e['context_filled']} | "
-                       f"{e['peak_memory_bytes'] / GB:.3f} GB | {e['kv_cache_bytes'] / MB:.1f} MB | "
-                       f"{(e.get('rss_bytes') or 0) / GB:.2f} GB |")
+                       f"{hb(e['peak_memory_bytes'])} | {hb(e['kv_cache_bytes'])} | "
+                       f"{kv_analytic(e)} | {rss(e)} |")
     rss = "; ".join(f"{r['context']}: S {r['S']} GB vs Pro {r['pro']} GB"
                     for r in paper["peak_rss_gb"])
     w = paper["weights_gb"]
@@ -190,16 +231,21 @@ def build_report(results: dict, plots: Optional[List[str]] = None) -> str:
             r = x["routing"]
             for kind, e in r["prompts"].items():
                 out.append(f"| {x['label']} | {kind} | {r['tokens']} | {e['mean_distinct']:.1f} | "
-                           f"{e['mean_entropy']:.2f} | {e['touched_expert_bytes'] / GB:.3f} GB | "
-                           f"{e['peak_memory_bytes'] / GB:.3f} GB |")
+                           f"{e['mean_entropy']:.2f} | {hb(e['touched_expert_bytes'])} | "
+                           f"{hb(e['peak_memory_bytes'])} |")
             if "real_minus_repeat_peak_bytes" in r:
+                touched, peak = (r["real_minus_repeat_touched_bytes"],
+                                 r["real_minus_repeat_peak_bytes"])
                 out.append(f"| {x['label']} | real - repeat | | | | "
-                           f"{r['real_minus_repeat_touched_bytes'] / GB:+.3f} GB | "
-                           f"{r['real_minus_repeat_peak_bytes'] / MB:+.1f} MB |")
-    if plots:
+                           f"{'+' if touched >= 0 else ''}{hb(touched)} | "
+                           f"{'+' if peak >= 0 else ''}{hb(peak)} |")
+    if plots == "skipped":
+        out += ["", "Plots skipped (--no-plots)."]
+    elif plots:
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     elif plots is not None:
-        out += ["", "(Plots skipped: `pip install matplotlib`, or `pip install -e .[plots]`.)"]
+        out += ["", "(Plots skipped: matplotlib is not installed; `pip install matplotlib`, "
+                "or `pip install -e .[plots]`.)"]
     out += ["", f"Paper numbers from bench/paper_numbers.json: {paper['source']}. {paper['notes']}"]
     return "\n".join(out) + "\n"
 
@@ -220,8 +266,8 @@ def make_plots(results: dict, out_dir) -> Optional[List[str]]:
          "prompt tokens", "prefill tokens/s"),
         ("decode", "decode", "context", lambda e: e["tokens_per_s"]["median"],
          "context tokens", "decode tokens/s"),
-        ("memory", "decode", "context", lambda e: e["peak_memory_bytes"] / GB,
-         "context tokens", "peak memory in decode (GB)"),
+        ("memory", "decode", "context", lambda e: e["peak_memory_bytes"] / 1e6,
+         "context tokens", "peak memory in decode (MB)"),
     ]
     backend = results["machine"]["backend"]
     for fname, phase, xkey, yfun, xlabel, ylabel in specs:
@@ -249,25 +295,29 @@ def write_report(run_dir, plots: bool = True) -> Path:
     """Rebuild DIR/report.md (and the plots) from DIR/results.json."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    files = make_plots(results, run_dir) if plots else []
+    files = make_plots(results, run_dir) if plots else "skipped"
     path = run_dir / "report.md"
     path.write_text(build_report(results, files))
     return path
 
 
 def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
-    """Two runs side by side: medians of each and their ratio b/a."""
+    """Two runs side by side: medians of each and their ratio b/a. Models are
+    paired by `name` (S, pro, tiny...), so a checkpoint run pairs with a
+    synthetic one of the same preset; models without a partner are listed."""
     def who(r):
         return f"{r['machine']['chip']}, {r['machine']['backend']}"
 
     out = ["# MobileMoE benchmark: two runs compared", "",
            f"- A = {name_a}: {who(a)}", f"- B = {name_b}: {who(b)}", "",
-           "| model | measure | setting | A | B | B / A |", "|---|---|---|---|---|---|"]
-    models_b = {x["label"]: x for x in b["models"]}
+           "| model (A / B) | measure | setting | A | B | B / A |", "|---|---|---|---|---|---|"]
+    models_b = {x["name"]: x for x in b["models"]}
+    names_a = {x["name"] for x in a["models"]}
     for xa in a["models"]:
-        xb = models_b.get(xa["label"])
+        xb = models_b.get(xa["name"])
         if xb is None:
             continue
+        who_ = xa["label"] if xa["label"] == xb["label"] else f"{xa['label']} / {xb['label']}"
         for phase, key, measure in (("prefill", "prompt_tokens", "prefill tok/s"),
                                     ("decode", "context", "decode tok/s")):
             eb = _by(xb.get(phase, []), key)
@@ -275,13 +325,19 @@ def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
                 if ea[key] in eb:
                     va = ea["tokens_per_s"]["median"]
                     vb = eb[ea[key]]["tokens_per_s"]["median"]
-                    out.append(f"| {xa['label']} | {measure} | {ea[key]} | {va:.2f} | {vb:.2f} "
+                    out.append(f"| {who_} | {measure} | {ea[key]} | {va:.2f} | {vb:.2f} "
                                f"| {vb / va:.2f}x |")
             for ea in xa.get(phase, []):
                 if ea[key] in eb:
-                    va, vb = ea["peak_memory_bytes"] / GB, eb[ea[key]]["peak_memory_bytes"] / GB
-                    out.append(f"| {xa['label']} | {phase} peak GB | {ea[key]} | {va:.3f} | "
-                               f"{vb:.3f} | {vb / va:.2f}x |")
+                    va, vb = ea["peak_memory_bytes"], eb[ea[key]]["peak_memory_bytes"]
+                    out.append(f"| {who_} | {phase} peak | {ea[key]} | {hb(va)} | "
+                               f"{hb(vb)} | {vb / va:.2f}x |")
+    only_a = [x["label"] for x in a["models"] if x["name"] not in models_b]
+    only_b = [x["label"] for x in b["models"] if x["name"] not in names_a]
+    if only_a or only_b:
+        out.append("")
+        out += [f"- Only in A (no model of the same name in B): {', '.join(only_a)}"] if only_a else []
+        out += [f"- Only in B (no model of the same name in A): {', '.join(only_b)}"] if only_b else []
     return "\n".join(out) + "\n"
 
 

@@ -2,38 +2,80 @@
 
 import datetime
 import json
-import sys
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
 
 from mobilemoe_mlx import analytic
+from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.errors import UserError
 
-from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, quant_of
-from .models import build, check_checkpoint, family, model_config
+from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
+from .models import (
+    build,
+    check_checkpoint,
+    check_quantizable,
+    describe_storage,
+    family,
+    is_checkpoint_name,
+    model_config,
+)
 from .report import write_report
 from .schema import SCHEMA, SCHEMA_VERSION
 from .tokens import prompt_tokens
+
+
+@contextmanager
+def sigint_ignored():
+    """Ctrl-C is ignored inside the block (the main thread only can change it):
+    used while the results and the report are written, so a second Ctrl-C
+    cannot leave them half-written."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def validate_models(models: List[str], settings: Settings, weights: Optional[str]) -> List[str]:
+    """Check every --models entry (and --weights) before anything is written.
+    Returns the MoE presets that --weights replaces (one, or none)."""
+    if not models:
+        raise UserError("--models names no model")
+    for m in models:
+        if is_checkpoint_name(m):
+            check_checkpoint(m, "--models")
+        else:
+            try:
+                model_config(m)
+            except UserError as e:
+                raise UserError(f"--models: {e}") from None
+            check_quantizable(m, settings.bits, settings.group_size)
+    moe_presets = [m for m in models if m in PRESETS]
+    if weights is not None:
+        if len(moe_presets) != 1:
+            raise UserError("--weights replaces one MobileMoE preset's synthetic weights: name "
+                            "exactly one of S, M, L, tiny in --models "
+                            f"(got {', '.join(moe_presets) or 'none'})")
+        check_checkpoint(weights, "--weights")
+    return moe_presets if weights is not None else []
 
 
 def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optional[str] = None,
                   progress: bool = True, plots: bool = True, log=print) -> dict:
     """Measure `models` (names or converted directories) and write
     out_dir/results.json and out_dir/report.md. Ctrl-C stops the run and keeps
-    every model entry measured so far (results.json says "interrupted")."""
+    every model entry measured so far (results.json says "interrupted"); the
+    report is always written, with Ctrl-C ignored while it is."""
     out = Path(out_dir)
-    moe_names = [m for m in models if m not in ("pro", "pro-tiny")]
-    if weights is not None and len(moe_names) != 1:
-        raise UserError("--weights replaces one MobileMoE model's synthetic weights: "
-                        f"name exactly one MoE model in --models (got {', '.join(moe_names) or 'none'})")
-    if weights is not None:
-        check_checkpoint(weights)
-    else:
-        for m in models:  # fail on a bad name before measuring anything
-            if not Path(m).expanduser().exists():
-                model_config(m)
+    replaced = validate_models(models, settings, weights)
     out.mkdir(parents=True, exist_ok=True)
     if settings.bandwidth_gbps is None:
         settings.bandwidth_gbps = copy_bandwidth(64 if settings.gen_tokens < 16 else 256)
@@ -44,10 +86,11 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "interrupted": False, "machine": machine_info(), "settings": settings.to_dict(),
-        "models": [],
+        "rss_peak_bytes": peak_rss_bytes(), "models": [],
     }
 
     def save():
+        results["rss_peak_bytes"] = peak_rss_bytes()
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     save()
@@ -58,17 +101,28 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     bar = Progress(_work(settings, models), enabled=progress)
     try:
         for name in models:
-            built = build(name, weights if name in moe_names else None, dtype=settings.dtype,
+            built = build(name, weights if name in replaced else None, dtype=settings.dtype,
                           bits=settings.bits, group_size=settings.group_size, seed=settings.seed)
-            log(("\n" if progress and bar.tty else "")
-                + f"{built.label}: " + ("synthetic random INT4 weights at the published shape, "
-                                        "built in memory" if built.synthetic
-                                        else f"weights from {built.source}"))
+            q = built.quant
+            storage = describe_storage(q.bits, q.group_size, built.dtype)
+            if built.synthetic:
+                what = f"synthetic random weights at the published shape ({storage}), built in memory"
+            else:
+                what = f"weights from {built.source} ({storage}, read from the checkpoint"
+                what += (f"; --dtype {settings.dtype} ignored: a checkpoint runs in its own "
+                         "dtype)" if settings.dtype != built.dtype else ")")
+            log(("\n" if progress and bar.tty else "") + f"{built.label}: {what}")
             record = {
                 "name": built.name, "label": built.label, "family": built.family,
                 "synthetic": built.synthetic, "source": built.source, "config": built.config,
-                "analytic": analytic.summary(built.config, quant_of(built, settings),
-                                             kv_dtype=settings.dtype),
+                "dtype": built.dtype,
+                "quant": {"bits": q.bits, "group_size": q.group_size if q.bits else None,
+                          "scale_dtype": q.scale_dtype if q.bits else None,
+                          "embedding_scale_dtype": (q.embedding_scale_dtype or q.scale_dtype)
+                          if q.bits else None, "dtype": q.dtype},
+                "analytic": analytic.summary(built.config, q, kv_dtype=built.dtype,
+                                             contexts=settings.decode_contexts,
+                                             prompt_lengths=settings.prompt_lengths),
             }
             results["models"].append(record)
             vocab = built.config["vocab_size"]
@@ -81,14 +135,15 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             mx.clear_cache()
     except KeyboardInterrupt:
         results["interrupted"] = True
-        save()
-        bar.close()
-        print("\ninterrupted: keeping the results measured so far", file=sys.stderr)
-        write_report(out, plots=plots)
         raise
-    bar.close()
-    save()
-    write_report(out, plots=plots)
+    finally:
+        with sigint_ignored():
+            bar.close()
+            save()
+            if results["interrupted"]:
+                log("interrupted: keeping the results measured so far")
+            log(f"writing {out / 'report.md'}")
+            write_report(out, plots=plots)
     return results
 
 
