@@ -1,6 +1,8 @@
 """The benchmark harness: analytic counts, measurements, results.json, report, CLI errors."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +14,12 @@ from mlx.utils import tree_flatten
 
 from bench import harness, schema
 from bench.harness import Settings
-from bench.models import build_synthetic, model_class, model_config, weight_bytes
-from bench.report import build_comparison, load_results, write_report
-from bench.run import run_benchmark
+from bench.models import build_synthetic, load_checkpoint, model_class, model_config, weight_bytes
+from bench.report import build_comparison, build_report, load_results, write_report
+from bench.run import run_benchmark, sigint_ignored
 from bench.tokens import prompt_tokens
 from mobilemoe_mlx import analytic
-from mobilemoe_mlx.planner import fits_warning, plan
+from mobilemoe_mlx.planner import fits_warning, format_plan, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,8 +70,7 @@ def test_weight_bytes_equal_quantized_model(name):
 @pytest.mark.parametrize("name", ["tiny", "pro-tiny"])
 def test_weight_bytes_of_synthetic_build(name):
     built = build_synthetic(name, dtype="float32")
-    quant = harness.quant_of(built, quick_settings())
-    assert analytic.weight_bytes(built.config, quant)["total"] == weight_bytes(built.model)
+    assert analytic.weight_bytes(built.config, built.quant)["total"] == weight_bytes(built.model)
     router = [v for k, v in tree_flatten(built.model.parameters()) if k.endswith("router.weight")]
     assert all(r.dtype == mx.float32 for r in router)
 
@@ -81,6 +82,13 @@ def test_kv_and_flops():
     assert analytic.kv_cache_bytes(pro, 8192) == (23 * 512 + 7 * 8192) * per
     assert analytic.kv_cache_bytes(s, 100) == 20 * 100 * per
     assert analytic.prefill_flops(s, 1) == analytic.decode_flops_per_token(s, 0)
+    # The output head (tied embedding, V*D) runs once per prefill, for the last token:
+    # each further prompt token adds the layers' matmuls and its attention only.
+    head = 2 * s["vocab_size"] * s["hidden_size"]
+    per_token = analytic.decode_flops_per_token(s, 0) - head
+    extra = analytic.prefill_flops(s, 2) - analytic.prefill_flops(s, 1)
+    attn_1 = analytic.decode_flops_per_token(s, 1) - analytic.decode_flops_per_token(s, 0)
+    assert extra == per_token + attn_1
     assert analytic.decode_flops_per_token(s, 4096) > analytic.decode_flops_per_token(s, 256)
     assert analytic.decode_bound(s, 256, 100.0) > analytic.decode_bound(pro, 256, 100.0)
 
@@ -99,16 +107,69 @@ def test_dense_windowed_cache_matches_full_forward():
 
 
 def test_prefill_fills_cache_to_the_requested_context():
-    built = build_synthetic("tiny", dtype="float32")
-    cache = built.model.make_cache() if hasattr(built.model, "make_cache") else None
     from mlx_lm.models.cache import make_prompt_cache
 
+    built = build_synthetic("tiny", dtype="float32")
     cache = make_prompt_cache(built.model)
     harness.prefill(built.model, prompt_tokens("real", 50, 512), cache, step=16)
     assert all(c.offset == 50 for c in cache)
-    restored = harness.snapshot(cache)
+    host = harness.offload(cache)
+    restored = harness.restore(host)
+    assert mx.array_equal(restored[0].keys, cache[0].keys).item()
     harness.decode(built.model, mx.array([1]), restored, 2)
-    assert restored[0].offset == 52 and cache[0].offset == 50  # the snapshot is independent
+    assert restored[0].offset == 52 and cache[0].offset == 50  # the copy is independent
+    assert harness.restore(host)[0].offset == 50
+
+
+def test_decode_peak_counts_one_kv_cache(tmp_path):
+    # Context 1000 + 3 tokens stays inside mlx-lm's 1024-token buffer (no regrowth),
+    # so the decode peak is weights + the one cache decoded + small temporaries;
+    # a second copy of the cache alive during decode would add another kv.
+    s = quick_settings(prompt_lengths=[8], decode_contexts=[1000], repeats=1, warmup=0,
+                       routing_tokens=0)
+    r = run_benchmark(["tiny"], s, tmp_path, progress=False, plots=False, log=lambda m: None)
+    m = r["models"][0]
+    e = m["decode"][0]
+    assert e["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 1024 * 4  # layers, K+V, kv heads, head_dim
+    extra = e["peak_memory_bytes"] - m["memory"]["weights_bytes"] - e["kv_cache_bytes"]
+    assert 0 < extra < e["kv_cache_bytes"] / 2
+    assert e["kv_cache_bytes_analytic"] == analytic.kv_cache_bytes(m["config"], 1000, "float32")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny synthetic QAT checkpoint converted to float32 and to bfloat16."""
+    from mobilemoe_mlx.convert import convert
+    from mobilemoe_mlx.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("ckpt")
+    src = write_synthetic(str(root / "qat"))
+    return {dt: convert(str(src), str(root / dt), dtype=dt, progress=False)
+            for dt in ("float32", "bfloat16")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpoint_dtypes_read_from_weights(checkpoints, dtype):
+    built = load_checkpoint(str(checkpoints[dtype]))
+    assert built.dtype == dtype
+    assert (built.quant.bits, built.quant.group_size, built.quant.scale_dtype) == (4, 32, dtype)
+    assert analytic.weight_bytes(built.config, built.quant)["total"] == weight_bytes(built.model)
+
+
+def test_checkpoint_run_records_its_dtype(checkpoints, tmp_path, capfd):
+    logs = []
+    s = quick_settings(prompt_lengths=[8], decode_contexts=[256], gen_tokens=2, repeats=1,
+                       warmup=0, routing_tokens=0, dtype="float32")
+    r = run_benchmark(["tiny"], s, tmp_path, weights=str(checkpoints["bfloat16"]),
+                      progress=False, plots=False, log=logs.append)
+    m = r["models"][0]
+    assert m["dtype"] == "bfloat16" and m["quant"]["scale_dtype"] == "bfloat16"
+    assert m["name"] == "tiny" and not m["synthetic"]
+    assert m["analytic"]["weight_bytes"]["total"] == m["memory"]["weights_bytes"]
+    e = m["decode"][0]  # 256 tokens fill mlx-lm's first 256-token buffer exactly
+    assert e["kv_cache_bytes"] == e["kv_cache_bytes_analytic"] == m["analytic"]["kv_cache_bytes"]["256"]
+    assert any("--dtype float32 ignored" in line and "INT4 g32" in line for line in logs)
+    assert "longer than the specified maximum" not in capfd.readouterr().err
 
 
 def test_peak_memory_resets_between_phases():
@@ -160,17 +221,39 @@ def test_report_and_plots_from_saved_json(quick_run, tmp_path):
     assert "B / A" in build_comparison(r, r, "a", "b")
 
 
-def test_interrupt_keeps_results(tmp_path, monkeypatch):
-    def boom(*a, **k):
-        raise KeyboardInterrupt
+def _sigint_on(prefix, seen):
+    """A log callback that sends this process a real Ctrl-C (SIGINT) on a message."""
+    def log(message):
+        seen.append(message)
+        if message.startswith(prefix):
+            os.kill(os.getpid(), signal.SIGINT)
+    return log
 
-    monkeypatch.setattr(harness, "decode", boom)
+
+def test_interrupt_keeps_results(tmp_path):
+    seen = []
     with pytest.raises(KeyboardInterrupt):
-        run_benchmark(["tiny"], quick_settings(), tmp_path, progress=False, plots=False,
-                      log=lambda m: None)
+        run_benchmark(["tiny", "pro-tiny"], quick_settings(), tmp_path, progress=False,
+                      plots=False, log=_sigint_on("MobileLLM-Pro", seen))
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["interrupted"] and len(saved["models"][0]["prefill"]) == 2
-    assert (tmp_path / "report.md").exists()
+    assert saved["interrupted"] and saved["models"][0]["complete"]
+    assert len(saved["models"]) == 1 and "interrupted" in (tmp_path / "report.md").read_text()
+    assert sum("interrupted" in m for m in seen) == 1
+
+
+def test_ctrl_c_while_the_report_is_written_is_ignored(tmp_path):
+    seen = []
+    s = quick_settings(prompt_lengths=[8], decode_contexts=[8], repeats=1, warmup=0,
+                       routing_tokens=0)
+    run_benchmark(["tiny"], s, tmp_path, progress=False, plots=False,
+                  log=_sigint_on("writing", seen))  # no KeyboardInterrupt
+    assert any(m.startswith("writing") for m in seen)
+    assert "## Decode" in (tmp_path / "report.md").read_text()
+    with sigint_ignored():
+        os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # the handler is back after the block
+        os.kill(os.getpid(), signal.SIGINT)
+        mx.eval(mx.ones((1,)))
 
 
 def test_planner():
@@ -181,6 +264,22 @@ def test_planner():
     assert not p["budgets"]["3"]["fits"] and p["budgets"]["5"]["fits"]
     assert fits_warning(cfg, 8192, budget_bytes=1e9) is not None
     assert fits_warning(model_config("S"), 8192, budget_bytes=64e9) is None
+    text = format_plan("tiny", plan(model_config("tiny"), 256, budgets={"3": 3e9}))
+    assert "0.000 GB" not in text and "K params" in text and " KB" in text
+
+
+def test_planner_bounds_a_measured_prefill():
+    # The last 2047-token chunk of a 4096-token prefill attends over 4095 keys: its
+    # attention scores (chunk x context per head) dominate the measured peak.
+    from mlx_lm.models.cache import make_prompt_cache
+
+    built = build_synthetic("tiny", dtype="float32")
+    cache = make_prompt_cache(built.model)
+    harness.start_phase()
+    harness.prefill(built.model, prompt_tokens("real", 4096, 512), cache, step=2048)
+    peak = mx.get_peak_memory()
+    p = plan(built.config, 4096, dtype="float32", chunk=2048, budgets={})
+    assert p["total_bytes"] >= peak > 0.5 * p["total_bytes"]
 
 
 def _bench(*args, cwd=ROOT):
@@ -195,6 +294,13 @@ def _bench(*args, cwd=ROOT):
     (["run", "--models", "S", "--prompt-lengths", "a,b"], "comma-separated integers"),
     (["plan", "--model", "XL"], "unknown model 'XL'"),
     (["report", "{tmp}"], "does not exist"),
+    (["run", "--models", "{tmp}"], "--models"),
+    (["run", "--prefill-step", "0"], "--prefill-step"),
+    (["run", "--routing-tokens", "-5"], "--routing-tokens"),
+    (["run", "--group-size", "48"], "--group-size must be one of 32, 64, 128"),
+    (["run", "--bandwidth", "-3"], "--bandwidth"),
+    (["run", "--gen-tokens", "0"], "--gen-tokens"),
+    (["plan", "--model", "tiny", "--group-size", "48"], "--group-size"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
     r = _bench(*[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(tmp_path / "o")) \
@@ -202,6 +308,7 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "o").exists()  # nothing written before the check
 
 
 def test_cli_plan_and_report(quick_run):
@@ -210,3 +317,41 @@ def test_cli_plan_and_report(quick_run):
     out, _ = quick_run
     r = _bench("report", str(out), "--no-plots", "--compare", str(out))
     assert r.returncode == 0 and (out / "compare.md").exists()
+    before = (out / "report.md").stat().st_mtime_ns
+    r = _bench("report", str(out), "--compare", str(out / "missing"))
+    assert r.returncode == 2 and (out / "report.md").stat().st_mtime_ns == before
+
+
+def test_report_units_and_paper_numbers(quick_run, tmp_path):
+    out, _ = quick_run
+    results = load_results(out)
+    text = build_report(results, "skipped")
+    assert "(--no-plots)" in text and "matplotlib" not in text
+    models = text.split("## Models")[1].split("## Prefill")[0]
+    assert "0.000 GB" not in models and " KB" in models and "K /" in models
+    assert "KV analytic" in text and "256-token steps" in text
+    assert "1.8-3.8x faster prefill" in text and "2.2-3.4x faster decode" in text
+    results["models"][0]["name"] = "M"  # the paper's decode ratios follow the sizes run
+    assert "paper (M vs Pro)" in build_report(results, "skipped")
+    write_report(out, plots=False)
+    assert "(--no-plots)" in (out / "report.md").read_text()
+
+
+def test_compare_pairs_models_by_name(quick_run):
+    out, _ = quick_run
+    a = load_results(out)
+    b = json.loads(json.dumps(a))
+    b["models"][0]["label"] = "tiny-ckpt (checkpoint)"  # as a --weights run labels it
+    del b["models"][1]
+    text = build_comparison(a, b, "a", "b")
+    assert "MobileMoE-tiny / tiny-ckpt (checkpoint) | decode tok/s" in text
+    assert "Only in A (no model of the same name in B): MobileLLM-Pro (tiny)" in text
+
+
+def test_results_keep_run_level_rss_and_own_keys(quick_run):
+    _, results = quick_run
+    assert results["rss_peak_bytes"] > 0
+    assert all("rss_peak_bytes" not in m["memory"] for m in results["models"])
+    for m in results["models"]:
+        assert sorted(m["analytic"]["kv_cache_bytes"]) == ["16", "40"]
+        assert sorted(m["analytic"]["prefill_flops_per_token"]) == ["16", "32"]
