@@ -133,7 +133,7 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             measure_model(built, settings, tokens, bar, save, record)
             del built
             mx.clear_cache()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through run_cli
         results["interrupted"] = True
         raise
     finally:
