@@ -22,7 +22,7 @@ from mobilemoe_mlx.errors import run_cli
               help="Release of --model S|M|L: qat (INT4, the default), sft (bf16, quantized "
                    "to INT4 when converted) or base (no chat template: needs --raw).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
-@click.option("--system", default=None, help="System prompt.")
+@click.option("--system", default=None, help="System prompt (not with --raw).")
 @click.option("--raw", is_flag=True,
               help="No chat template: each message is continued as plain text.")
 @click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,

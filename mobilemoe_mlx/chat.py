@@ -27,7 +27,9 @@ from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 
+from .checkpoint import WEIGHT_SUFFIXES
 from .errors import UserError
+from .hub import looks_like_repo_id
 from .routing import ExpertRecorder
 
 SIZES = ("S", "M", "L")
@@ -42,6 +44,21 @@ def model_source(model: str, variant: Optional[str] = None) -> str:
     if variant is not None:
         raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
     return model
+
+
+def check_source(source: str, option: str = "--model") -> None:
+    """Reject a source `load()` cannot use, before anything is downloaded or converted:
+    an empty one, a file that is no weights file, or neither a path nor a repo id."""
+    if not source.strip():
+        raise UserError(f"{option} is empty: give S, M, L, a Hub repo id or a path")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() and path.suffix not in WEIGHT_SUFFIXES:
+            raise UserError(f"{option} {source} is neither a directory nor a weights file "
+                            f"({' '.join(WEIGHT_SUFFIXES)}); pass the checkpoint's directory")
+    elif not looks_like_repo_id(source):
+        raise UserError(f"{option} {source} is neither an existing path nor a Hub repo id "
+                        "(org/name)")
 
 
 def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,
@@ -69,6 +86,9 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
             tokenizer.add_eos_token(token)
     # `SELECT ?s` must not come out as `SELECT?s` (spec section 3).
     tokenizer._tokenizer.clean_up_tokenization_spaces = False
+    # The session measures prompts against the context itself; transformers' warning
+    # about encoding more than model_max_length tokens would only be a stray stderr line.
+    tokenizer._tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
 
 
@@ -98,6 +118,22 @@ class Turn:
     drafted: int = 0  # draft tokens checked by the model
     experts: Optional[List[Tuple[int, int]]] = None
     notes: List[str] = field(default_factory=list)
+
+
+def system_prompt_tokens(tokenizer, system: Optional[str]) -> int:
+    """Tokens of the smallest prompt with this system prompt: it, an empty
+    message and the assistant header, as the chat template renders them."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": ""}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_system_fits(tokenizer, system: Optional[str], context: int) -> None:
+    """A system prompt that leaves no room for a message and an answer token is refused."""
+    if system and (n := system_prompt_tokens(tokenizer, system)) >= context:
+        raise UserError(f"the system prompt alone does not fit the {context}-token context "
+                        f"(with the template around it, it takes {n} tokens): shorten it")
 
 
 class _Stop(Exception):
@@ -147,10 +183,10 @@ class ChatSession:
                  max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None):
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        check_cache_options(draft_model is not None, max_kv_size, kv_bits)
+        check_options(draft_model is not None, max_kv_size, kv_bits, raw, system)
         self.kv_group = _kv_group_size(model.args.head_dim, kv_bits)
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
-        self.system, self.raw = system, raw
+        self.raw = raw
         self.sampling = sampling or Sampling()
         self.num_draft_tokens, self.max_kv_size, self.kv_bits = num_draft_tokens, max_kv_size, kv_bits
         self.context = model.args.max_position_embeddings
@@ -159,27 +195,55 @@ class ChatSession:
         self._processors = (make_logits_processors(repetition_penalty=s.repetition_penalty)
                             if s.repetition_penalty else None)
         self.expert_log = ExpertRecorder(model) if hasattr(model.layers[0], "feed_forward") else None
-        self.last: Optional[Turn] = None
-        self._stop_requested = False
-        self.reset()
+        self.system: Optional[str] = None
+        self.set_system(system)
+        self.last: Optional[Turn] = None  # the last answer since the start or /reset
+        self.resets = 0
+        self._stop_requested = self._generating = False
+        self._clear()
 
     # -- state ---------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the conversation and empty the cache; the system prompt stays."""
+        """Forget the conversation, its last answer and the cache; the system prompt stays."""
+        self._clear()
+        self.last = None
+        self.resets += 1
+
+    def _clear(self) -> None:
         self.messages: List[dict] = []
         self.history_text, self.history_tokens = "", []
         self.cache, self.cache_tokens = self._new_cache(), []
 
     def set_system(self, text: Optional[str]) -> None:
-        """A new system prompt; the next turn re-reads the conversation after it."""
-        self.system = text or None
+        """A new system prompt; the next turn re-reads the conversation after it.
+        One that does not fit the context even alone raises UserError and changes nothing."""
+        text = text or None
+        if text and self.raw:
+            raise UserError("there is no system prompt in raw mode")
+        check_system_fits(self.tokenizer, text, self.context)
+        self.system = text
 
-    def request_stop(self) -> None:
-        """Stop the answer being generated after its current token (safe from a signal handler)."""
+    def request_stop(self, now: bool = False) -> None:
+        """Stop the answer being generated after its current token; safe from a signal
+        handler. `now` (a second Ctrl-C) stops at once by raising KeyboardInterrupt, but
+        only while tokens are being generated, and only once: never while the cache
+        and the conversation are being brought up to date after an answer."""
         self._stop_requested = True
+        if now and self._generating:
+            self._generating = False
+            raise KeyboardInterrupt
 
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.cache if not c.empty())
+
+    def cache_held(self) -> int:
+        """Tokens the model's caches hold now: all that were read (`cache_tokens`), less
+        what a rotating cache (--max-kv-size) has let go."""
+        from mlx_lm.models.cache import RotatingKVCache
+
+        held = [min(c.offset, c.keys.shape[2]) if isinstance(c, RotatingKVCache) and not c.empty()
+                else c.offset for c in self.cache[:len(self.model.layers)]]
+        return min(held, default=0)
 
     def _new_cache(self) -> list:
         from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
@@ -249,18 +313,21 @@ class ChatSession:
         turn = Turn()
         rendered, target = self._fit(user, turn)
         room = self.context - len(target)
-        if room < 1:
+        if room < 1:  # even with every earlier exchange dropped: /reset cannot help
             turn.finish = "skipped"
+            system = (f" ({system_prompt_tokens(self.tokenizer, self.system)} of them the "
+                      "system prompt and the template)" if self.system and not self.raw else "")
             turn.notes.append(
-                f"this message makes a {len(target)}-token prompt and the context holds "
-                f"{self.context}: shorten it (or the system prompt), or /reset")
+                f"this message makes a {len(target)}-token prompt{system} and the context "
+                f"holds {self.context}: shorten it")
             return turn
         max_tokens = min(self.sampling.max_tokens, room)
+        had_history = bool(self.messages)
 
         keep = self._trim_cache_to(target)
         new = target[keep:]
         turn.prefilled = len(new)
-        fed, flags, response, hard_stop = [], [], None, False
+        fed, flags, response, hard_stop, stopped = [], [], None, False, False
         self._stop_requested = False
         mx.reset_peak_memory()
         recording = self.expert_log.record() if self.expert_log else contextlib.nullcontext()
@@ -269,50 +336,67 @@ class ChatSession:
             draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens,
             sampler=self._sampler, logits_processors=self._processors,
             prompt_cache=self.cache, prompt_progress_callback=self._check_stop)
-        with recording:
-            try:
-                for response in stream:
-                    fed.append(response.token)
-                    flags.append(response.from_draft)
-                    if response.finish_reason != "stop":
-                        turn.tokens.append(response.token)
-                    turn.text += response.text
-                    on_text(response.text)
-                    if self._stop_requested:
-                        break
-            except _Stop:
-                pass
-            except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
-                hard_stop = True
-            finally:
-                stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
-        # Tokens pass through a layer in order: the first len(new) rows are the prompt's.
-        # With --draft, rejected draft tokens count as answer.
-        experts = (list(zip(self.expert_log.distinct(len(new)), self.expert_log.distinct(0, len(new))))
-                   if self.expert_log else None)
+        try:
+            with recording:
+                self._generating = True  # request_stop(now=True) may raise from here on
+                try:
+                    for response in stream:
+                        fed.append(response.token)
+                        flags.append(response.from_draft)
+                        if response.finish_reason != "stop":
+                            turn.tokens.append(response.token)
+                        turn.text += response.text
+                        on_text(response.text)
+                        if self._stop_requested:
+                            break
+                except _Stop:
+                    pass
+                finally:
+                    self._generating = False  # ... up to here
+                    stopped = self._stop_requested  # a later Ctrl-C stops nothing
+                    stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
+        except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
+            hard_stop = True
+            self._generating = False
+            stream.close()
+        # A KeyboardInterrupt from here on is not our Ctrl-C handler's (it is quiet now),
+        # but a library caller's default handler: it must not leave the state half-updated.
+        saved = list(self.messages), self.history_text, self.history_tokens
+        try:
+            # Tokens pass through a layer in order: the first len(new) rows are the prompt's.
+            # With --draft, rejected draft tokens count as answer.
+            experts = (list(zip(self.expert_log.distinct(len(new)), self.expert_log.distinct(0, len(new))))
+                       if self.expert_log else None)
 
-        if response is not None:
-            turn.finish = response.finish_reason or "interrupted"
-            turn.generation_tokens = response.generation_tokens
-            turn.prompt_tps, turn.generation_tps = response.prompt_tps, response.generation_tps
-            turn.peak_memory_gb = response.peak_memory
-        else:
-            turn.finish = "interrupted"
-        if self._stop_requested or hard_stop:
-            turn.finish = "interrupted"
-        if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
-            turn.notes.append(f"the answer reached the end of the {self.context}-token "
-                              "context; /reset starts afresh")
-        turn.experts = experts
-        if self.draft_model is not None:
-            turn.accepted, turn.drafted = draft_acceptance(flags, self.num_draft_tokens, max_tokens)
+            if response is not None:
+                turn.finish = response.finish_reason or "interrupted"
+                turn.generation_tokens = response.generation_tokens
+                turn.prompt_tps, turn.generation_tps = response.prompt_tps, response.generation_tps
+                turn.peak_memory_gb = response.peak_memory
+            else:
+                turn.finish = "interrupted"
+            if stopped or hard_stop:
+                turn.finish = "interrupted"
+            if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
+                turn.notes.append(
+                    f"the answer reached the end of the {self.context}-token context; "
+                    + ("/reset starts afresh" if had_history else
+                       "a shorter message" + (" or system prompt" if self.system else "")
+                       + " leaves more room"))
+            turn.experts = experts
+            if self.draft_model is not None:
+                turn.accepted, turn.drafted = draft_acceptance(flags, self.num_draft_tokens, max_tokens)
 
-        if hard_stop:
+            if hard_stop:
+                self.cache, self.cache_tokens = self._new_cache(), []
+            else:
+                self._sync_cache(self.cache_tokens[:keep] + new + fed)
+            if not self.raw and (turn.tokens or turn.finish != "interrupted"):
+                self._remember(user, rendered, target, turn, fed)
+        except KeyboardInterrupt:
+            self.messages, self.history_text, self.history_tokens = saved
             self.cache, self.cache_tokens = self._new_cache(), []
-        else:
-            self._sync_cache(self.cache_tokens[:keep] + new + fed)
-        if not self.raw and (turn.tokens or turn.finish != "interrupted"):
-            self._remember(user, rendered, target, turn, fed)
+            turn.finish = "interrupted"
         self.last = turn
         return turn
 
@@ -373,8 +457,13 @@ class ChatSession:
         self.cache_tokens = known[:n]
 
 
-def check_cache_options(draft: bool, max_kv_size: Optional[int], kv_bits: Optional[int]) -> None:
-    """The option pairs mlx-lm's caches cannot serve together."""
+def check_options(draft: bool, max_kv_size: Optional[int], kv_bits: Optional[int],
+                  raw: bool = False, system: Optional[str] = None) -> None:
+    """The option pairs that cannot work together: what mlx-lm's caches cannot
+    serve, and a system prompt where there is no template to put it in."""
+    if raw and system is not None:
+        raise UserError("--system has no effect with --raw (plain continuation has no "
+                        "system prompt): leave one of them out")
     if draft and max_kv_size is not None:
         raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
     if kv_bits is not None and max_kv_size is not None:
@@ -384,7 +473,7 @@ def check_cache_options(draft: bool, max_kv_size: Optional[int], kv_bits: Option
 def _kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
     if kv_bits is None:
         return 64
-    if kv_bits not in (4, 8):
+    if kv_bits not in (4, 8):  # click checks --kv-bits; this is for library callers
         raise UserError(f"--kv-bits must be 4 or 8, not {kv_bits}")
     for group in (64, 32):  # the group sizes MLX's quantized attention takes
         if head_dim % group == 0:

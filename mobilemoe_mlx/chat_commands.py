@@ -1,8 +1,10 @@
 """The terminal around a ChatSession: input, commands, Ctrl-C, and what is printed.
 
-Answers go to stdout and everything else (banner, stats, notices, command
-output) to stderr, so `python chat.py ... < questions.txt > answers.txt` keeps
-only the answers. Piped input is one message per line.
+Answers go to stdout and everything else (banner, prompts, stats, notices,
+command output) to stderr, so `python chat.py ... < questions.txt > answers.txt`
+keeps only the answers, each ending with a newline (an empty line for a message
+that was refused). Piped input is one message per line. On a terminal, control
+characters in an answer are shown as `?`; a pipe gets the text as generated.
 """
 
 import signal
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from typing import List, Optional, TextIO
 
 from .chat import ChatSession, Turn
+from .errors import UserError
 
 PROMPT = ">>> "
 HELP = """\
@@ -22,6 +25,15 @@ HELP = """\
 /quit            leave (also /exit, /bye, Ctrl-D)
 Ctrl-C stops an answer and keeps the session. A line starting with \"\"\" begins a
 multi-line message that ends at a line ending with \"\"\". //text sends /text."""
+
+
+# C0 controls but newline and tab, DEL and C1 controls (\x9b is CSI on some terminals).
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (escape sequences included) shown as `?`."""
+    return text.translate(_CONTROLS)
 
 
 def stats_line(turn: Turn) -> str:
@@ -46,13 +58,18 @@ def _size(gb: float) -> str:
 
 def stats_report(session: ChatSession) -> List[str]:
     """What /stats prints."""
-    lines = [f"context: {len(session.cache_tokens)} of {session.context} tokens in the KV cache "
-             f"({session.kv_bytes() / 2**20:.1f} MiB"
-             + (f", {session.kv_bits}-bit" if session.kv_bits else "") + "), "
-             f"{len(session.messages) // 2} exchange(s)"]
+    size = f"{session.kv_bytes() / 2**20:.1f} MiB" + (
+        f", {session.kv_bits}-bit" if session.kv_bits else "")
+    read = len(session.cache_tokens)
+    if session.max_kv_size:
+        held = (f"{session.cache_held()} kept of {read} tokens read (rotating KV cache of "
+                f"{session.max_kv_size}, {size})")
+    else:
+        held = f"{read} of {session.context} tokens in the KV cache ({size})"
+    lines = [f"context: {held}, {len(session.messages) // 2} exchange(s)"]
     turn = session.last
     if turn is None:
-        return lines + ["no answer yet"]
+        return lines + ["no answer since /reset" if session.resets else "no answer yet"]
     lines.append("last answer: " + stats_line(turn))
     if turn.experts and session.expert_log:
         total = session.expert_log.num_experts
@@ -75,41 +92,47 @@ class Terminal:
     def answer(self, text: str) -> Turn:
         """Stream one answer; Ctrl-C stops it and keeps the session."""
         wrote = []
+        clean = printable if self.out.isatty() else str
 
         def show(segment: str) -> None:
             if segment:
                 wrote.append(segment)
-                self.out.write(segment)
+                self.out.write(clean(segment))
                 self.out.flush()
 
+        # Until the stats line is out: a Ctrl-C just after the answer must not end the session.
         with _ctrl_c_stops(self.session):
             turn = self.session.ask(text, show)
-        if wrote and not wrote[-1].endswith("\n"):
-            self.out.write("\n")
-        elif not wrote and turn.finish != "skipped":
-            self.out.write("\n")  # one line per answer, even an empty one
-        self.out.flush()
-        for note in turn.notes:
-            self.info(note)
-        if turn.finish != "skipped":
-            self.info(stats_line(turn))
+            if not wrote or not wrote[-1].endswith("\n"):
+                self.out.write("\n")  # one line per message, even a refused one
+            self.out.flush()
+            for note in turn.notes:
+                self.info(note)
+            if turn.finish != "skipped":
+                self.info(stats_line(turn))
         return turn
 
     # -- input ---------------------------------------------------------------
-    def read_line(self) -> Optional[str]:
+    def read_line(self, prompt: str = PROMPT) -> Optional[str]:
         """The next line, without its newline; None at EOF."""
         if not self.interactive:
             line = self.stdin.readline()
             return line.rstrip("\r\n") if line else None
         try:
             if self.out.isatty():
-                return input(PROMPT)
-            self.err.write(PROMPT)  # keep a redirected stdout to answers only
+                return input(prompt)
+            self.err.write(prompt)  # keep a redirected stdout to answers only
             self.err.flush()
             return input()
         except EOFError:
-            self.out.write("\n")
+            self.end_prompt_line()
             return None
+
+    def end_prompt_line(self) -> None:
+        """The newline after a prompt left by Ctrl-C or EOF, where the prompt went."""
+        stream = self.out if self.out.isatty() else self.err
+        stream.write("\n")
+        stream.flush()
 
     def read_message(self, first: str) -> Optional[str]:
         """`first`, or a multi-line message opened with triple quotes."""
@@ -119,20 +142,15 @@ class Terminal:
         lines = []
         while not text.rstrip().endswith('"""'):
             lines.append(text)
-            text = self.read_line() if not self.interactive else self._continuation()
+            text = self.read_line("... ")
             if text is None:
                 return "\n".join(lines) or None
         lines.append(text.rstrip()[:-3])
         return "\n".join(lines).strip("\n")
 
-    def _continuation(self) -> Optional[str]:
-        try:
-            return input("... ")
-        except EOFError:
-            return None
-
     # -- the loop ------------------------------------------------------------
-    def run(self, banner: str = "") -> int:
+    def run(self, banner: str = "") -> None:
+        """Read and answer messages until /quit, EOF or a second Ctrl-C at the prompt."""
         if self.interactive:
             try:
                 import readline  # noqa: F401 - line editing and history for input()
@@ -145,23 +163,27 @@ class Terminal:
             try:
                 line = self.read_line()
             except KeyboardInterrupt:
+                self.end_prompt_line()
                 if interrupted_at_prompt:
-                    self.out.write("\n")
-                    return 0
+                    return
                 interrupted_at_prompt = True
-                self.out.write("\n")
                 self.info("(Ctrl-C again, Ctrl-D or /quit to leave)")
                 continue
             interrupted_at_prompt = False
             if line is None:
-                return 0
+                return
             if not line.strip():
                 continue
             if line.startswith("/") and not line.startswith("//"):
                 if not self.command(line):
-                    return 0
+                    return
                 continue
-            message = self.read_message(line[1:] if line.startswith("//") else line)
+            try:
+                message = self.read_message(line[1:] if line.startswith("//") else line)
+            except KeyboardInterrupt:  # at the "... " of a multi-line message
+                self.end_prompt_line()
+                self.info("(message dropped)")
+                continue
             if message:
                 self.answer(message)
 
@@ -180,8 +202,12 @@ class Terminal:
             if session.raw:
                 self.info("there is no system prompt in --raw mode")
             elif arg:
-                session.set_system(arg)
-                self.info("system prompt replaced; the next answer re-reads the conversation")
+                try:
+                    session.set_system(arg)
+                except UserError as e:
+                    self.info(f"{e}; the system prompt stays as it was")
+                else:
+                    self.info("system prompt replaced; the next answer re-reads the conversation")
             else:
                 self.info(f"system prompt: {session.system!r}" if session.system
                           else "no system prompt (/system TEXT sets one)")
@@ -195,7 +221,8 @@ class Terminal:
 
 @contextmanager
 def _ctrl_c_stops(session: ChatSession):
-    """First Ctrl-C: stop the answer after its current token. A second one: at once."""
+    """First Ctrl-C: stop the answer after its current token. A second one: at once, if
+    tokens are still being generated (the session decides); later ones do nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -204,9 +231,7 @@ def _ctrl_c_stops(session: ChatSession):
     def handler(signum, frame):
         nonlocal presses
         presses += 1
-        if presses > 1:
-            raise KeyboardInterrupt
-        session.request_stop()
+        session.request_stop(now=presses > 1)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -222,27 +247,41 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
          seed: Optional[int] = None, max_kv_size: Optional[int] = None,
          kv_bits: Optional[int] = None, draft: Optional[str] = None,
          num_draft_tokens: int = 3, prompt: Optional[str] = None,
-         stdin: TextIO = None, out: TextIO = None, err: TextIO = None) -> int:
+         stdin: TextIO = None, out: TextIO = None, err: TextIO = None) -> None:
     """Load the model (and draft), then chat on the terminal or answer `prompt` once.
 
-    Returns the exit code (0); input the user can fix raises UserError."""
+    Input the user can fix raises UserError, as far as possible before anything is loaded."""
     import mlx.core as mx
 
-    from .chat import SIZES, Sampling, check_cache_options, load_chat_model, model_source
-    from .errors import UserError
+    from .chat import (
+        SIZES,
+        Sampling,
+        check_options,
+        check_source,
+        check_system_fits,
+        load_chat_model,
+        model_source,
+    )
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    check_cache_options(bool(draft), max_kv_size, kv_bits)  # before any download
+    check_options(draft is not None, max_kv_size, kv_bits, raw, system)  # before any download
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
     if model.upper() in SIZES and variant == "base" and not raw:
         raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
                         "continue plain text, or chat with --variant qat or sft")
     source = model_source(model, variant)
+    check_source(source, "--model")
+    if draft is not None:
+        draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
+        check_source(draft_source, "--draft")
     if seed is not None:
         mx.random.seed(seed)
     main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision, kv_bits=kv_bits)
+    if not raw:  # before the draft model loads
+        check_system_fits(tokenizer, system, main_model.args.max_position_embeddings)
     draft_model = None
-    if draft:
-        draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
+    if draft is not None:
         draft_model, draft_tokenizer = load_chat_model(draft_source, raw=True)
         if (draft_model.args.vocab_size != main_model.args.vocab_size
                 or draft_tokenizer.get_vocab() != tokenizer.get_vocab()):
@@ -256,8 +295,8 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
     terminal = Terminal(session, stdin, out, err)
     if prompt is not None:
         terminal.answer(prompt)
-        return 0
+        return
     mode = "raw continuation" if raw else "chat"
-    return terminal.run(
+    terminal.run(
         f"{source} ({mode}, context {session.context} tokens"
         + (f", draft {draft}" if draft else "") + "). /help for commands, Ctrl-D to quit.")

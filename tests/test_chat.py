@@ -8,7 +8,9 @@ pseudo-terminal with a real Ctrl-C.
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mobilemoe_mlx.chat import ChatSession, Sampling, draft_acceptance, load_chat_model
 from mobilemoe_mlx.chat_commands import Terminal
@@ -25,14 +28,15 @@ from mobilemoe_mlx.synthetic import write_synthetic, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FRANCE = "What is the capital of France?"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # but newline and tab
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """The tiny checkpoint converted once, and variants of it made by hand."""
     root = tmp_path_factory.mktemp("chat")
-    tiny = Path(convert(str(write_synthetic(str(root / "qat"))), str(root / "tiny"),
-                        dtype="float32"))
+    unconverted = Path(write_synthetic(str(root / "qat")))
+    tiny = Path(convert(str(unconverted), str(root / "tiny"), dtype="float32"))
     raw = root / "no-template"
     shutil.copytree(tiny, raw)
     write_tokenizer(raw, 512, with_chat_template=False)
@@ -40,15 +44,15 @@ def dirs(tmp_path_factory):
     shutil.copytree(tiny, no_tokenizer)
     for f in no_tokenizer.glob("tokenizer*"):
         f.unlink()
-    return {"tiny": tiny, "raw": raw, "no_tokenizer": no_tokenizer,
+    return {"tiny": tiny, "unconverted": unconverted, "raw": raw, "no_tokenizer": no_tokenizer,
             "kv": _with_head_dim_32(tiny, root / "head-dim-32"), "home": root / "home"}
-
 
 
 def _lines(text: str):
     """Lines split on newlines only: random-weight answers can hold other
     characters that str.splitlines() also breaks on (\x1c-\x1e, \x85)."""
     return text.rstrip("\n").split("\n") if text else []
+
 
 def _with_head_dim_32(src: Path, out: Path) -> Path:
     """The tiny model with 32-wide heads: MLX quantizes KV only in groups of 32 or more."""
@@ -99,6 +103,31 @@ def _session(loaded, **kwargs):
     return ChatSession(counting, tokenizer, **kwargs), counting, tokenizer
 
 
+class Tty(io.StringIO):
+    """An output stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+class SigintAfterAnswer(TokenizerWrapper):
+    """The tokenizer, sending this process real SIGINTs (Ctrl-C) when the session
+    renders the conversation without a generation prompt: only once an answer is
+    over and its stream closed, while the cache and history are brought up to date."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, presses: int):
+        self.__dict__.update(tokenizer.__dict__)
+        self._presses = presses
+
+    def apply_chat_template(self, *args, add_generation_prompt=False, **kwargs):
+        if not add_generation_prompt:
+            presses, self._presses = self._presses, 0
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
+        return super().apply_chat_template(
+            *args, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
 def _encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -143,9 +172,12 @@ def test_second_turn_prefills_only_its_new_tokens(loaded):
 def test_reset_clears_the_cache_and_the_conversation(loaded):
     session, counting, tok = _session(loaded)
     err = io.StringIO()
-    assert Terminal(session, io.StringIO(f"Hello\n{FRANCE}\n/reset\n"), io.StringIO(),
-                    err).run() == 0
+    Terminal(session, io.StringIO(f"Hello\n{FRANCE}\n/reset\n/stats\n"), io.StringIO(),
+             err).run()
     assert "cleared" in err.getvalue()
+    # /stats no longer shows the forgotten conversation's last answer as current.
+    assert err.getvalue().rstrip().endswith("no answer since /reset")
+    assert session.last is None
     assert session.messages == [] and session.cache_tokens == []
     assert all(c.offset == 0 for c in session.cache)
 
@@ -187,7 +219,32 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(loa
     assert session.messages[-2]["content"].startswith("Question number 4")
     too_long = session.ask("word " * 400)
     assert too_long.finish == "skipped" and "shorten it" in too_long.notes[0]
+    assert "/reset" not in too_long.notes[0]  # the message alone does not fit: no help there
     assert session.messages[-2]["content"].startswith("Question number 4")
+
+
+def test_a_refused_message_still_writes_its_line_to_stdout(loaded):
+    session, _, _ = _session(loaded, sampling=Sampling(max_tokens=4))
+    session.context = 160
+    out, err = io.StringIO(), io.StringIO()
+    Terminal(session, io.StringIO(f"Hello\n{'word ' * 400}\n{FRANCE}\n"), out, err).run()
+    answers = _lines(out.getvalue())
+    assert len(answers) == 3 and answers[1] == "" and answers[0] and answers[2]
+    assert "shorten it" in err.getvalue() and "shorten it" not in out.getvalue()
+
+
+def test_a_system_prompt_that_cannot_fit_is_refused_and_the_old_one_kept(loaded):
+    session, _, _ = _session(loaded, system="Be brief.")
+    session.context = 160
+    err = io.StringIO()
+    Terminal(session, io.StringIO(f"/system {'word ' * 200}\n/system\n"), io.StringIO(),
+             err).run()
+    assert "system prompt alone does not fit" in err.getvalue()
+    assert session.system == "Be brief." and "system prompt: 'Be brief.'" in err.getvalue()
+    with pytest.raises(UserError, match="system prompt alone does not fit the 160-token"):
+        session.set_system("word " * 200)
+    with pytest.raises(UserError, match="system prompt alone does not fit the 8192-token"):
+        ChatSession(*loaded, system="word " * 9000)
 
 
 def test_stats_counts_distinct_experts_per_layer(loaded):
@@ -200,6 +257,59 @@ def test_stats_counts_distinct_experts_per_layer(loaded):
     err = io.StringIO()
     Terminal(session, io.StringIO("/stats\n"), io.StringIO(), err).run()
     assert f"L0: {top_k}/" in err.getvalue() and "of 8192 tokens" in err.getvalue()
+
+
+def test_stats_reports_what_a_rotating_cache_keeps(loaded):
+    session, _, _ = _session(loaded, max_kv_size=64)
+    for text in ("Hello", FRANCE, "Hi"):
+        session.ask(text)
+    read = len(session.cache_tokens)
+    assert read > 64
+    err = io.StringIO()
+    Terminal(session, io.StringIO("/stats\n"), io.StringIO(), err).run()
+    assert f"context: 64 kept of {read} tokens read (rotating KV cache of 64," in err.getvalue()
+    assert session.cache_held() == 64
+
+
+def test_control_characters_are_shown_as_question_marks_on_a_terminal_only(loaded):
+    outputs = []
+    for out in (io.StringIO(), Tty()):
+        session, _, _ = _session(loaded, sampling=Sampling(max_tokens=12))
+        Terminal(session, io.StringIO(), out, io.StringIO()).answer("Hi")
+        outputs.append(out.getvalue())
+    piped, shown = outputs
+    assert CONTROL.search(piped)  # the random model's answer to "Hi" holds \x0f
+    assert shown == CONTROL.sub("?", piped)
+
+
+def test_ctrl_c_after_the_answer_keeps_the_session(loaded):
+    """Ctrl-C twice while the cache and the conversation are being brought up to date."""
+    model, tokenizer = loaded
+    # In the chat: the second press arrives when no token is being generated any more.
+    session = ChatSession(model, SigintAfterAnswer(tokenizer, 2), sampling=Sampling(max_tokens=6))
+    terminal = Terminal(session, io.StringIO(), io.StringIO(), io.StringIO())
+    try:
+        first = terminal.answer("Hello")
+    except KeyboardInterrupt:
+        pytest.fail("a second Ctrl-C after the answer ended the session")
+    assert first.finish == "length" and len(session.messages) == 2  # not even "stopped"
+    second = terminal.answer(FRANCE)
+    assert second.prefilled < 40 and len(session.messages) == 4
+    assert [c.offset for c in session.cache] == [len(session.cache_tokens)] * 2
+
+    # A library caller with Python's own handler: ask() returns, the state consistent.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        session = ChatSession(model, SigintAfterAnswer(tokenizer, 1),
+                              sampling=Sampling(max_tokens=6))
+        turn = session.ask("Hello")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C after the answer came out of ask()")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert turn.finish == "interrupted" and session.messages == []
+    assert session.cache_tokens == [] and all(c.offset == 0 for c in session.cache)
+    assert session.ask(FRANCE).finish == "length"
 
 
 def test_draft_acceptance_counts_rounds():
@@ -225,6 +335,8 @@ def test_draft_of_the_same_model_accepts_every_token_and_changes_nothing(loaded,
 def test_kv_bits_needs_heads_quantization_can_take(loaded):
     with pytest.raises(UserError, match="head_dim divisible by 32"):
         ChatSession(*loaded, kv_bits=8)
+    with pytest.raises(UserError, match="4 or 8"):  # click checks the CLI; not a library call
+        ChatSession(*loaded, kv_bits=3)
 
 
 # -- the command line --------------------------------------------------------------
@@ -259,17 +371,33 @@ def test_raw_mode_on_a_checkpoint_without_chat_template(dirs):
     assert len(_lines(r.stdout)) == 2 and r.stderr.count("6 tokens") == 2
 
 
-@pytest.mark.parametrize("case", ["bad model path", "bad flag value", "missing tokenizer"])
+ERRORS = {  # case: (arguments, what the one line says)
+    "bad model path": (["--model", "{home}/nowhere"], "nowhere"),
+    "bad flag value": (["--model", "{tiny}", "--top-p", "2"], "--top-p"),
+    "missing tokenizer": (["--model", "{no_tokenizer}"], "tokenizer"),
+    "--system with --raw": (["--model", "{raw}", "--raw", "--system", "Be brief."],
+                            "--system has no effect with --raw"),
+    "system prompt too long": (["--model", "{tiny}", "--system", "word " * 9000],
+                               "system prompt alone does not fit the 8192-token context"),
+    "empty --prompt": (["--model", "{tiny}", "--prompt", ""], "--prompt is empty"),
+    "empty --model": (["--model", ""], "--model is empty"),
+    # An unconverted --model would print "converting ..." first if these got that far:
+    "config file as --model": (["--model", "{unconverted}/config.json"],
+                               "neither a directory nor a weights file"),
+    "bad --draft path": (["--model", "{unconverted}", "--draft", "{home}/no-draft"],
+                         "--draft {home}/no-draft is neither an existing path"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_are_one_line_and_exit_2(dirs, case):
-    args = {"bad model path": ["--model", str(dirs["home"] / "nowhere")],
-            "bad flag value": ["--model", str(dirs["tiny"]), "--top-p", "2"],
-            "missing tokenizer": ["--model", str(dirs["no_tokenizer"])]}[case]
-    r = _run(dirs, *args, "--prompt", "Hello")
+    args, says = ERRORS[case]
+    args = [a.format(**dirs) for a in args]
+    r = _run(dirs, *args, *([] if "--prompt" in args else ["--prompt", "Hello"]))
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert {"bad model path": "nowhere", "bad flag value": "--top-p",
-            "missing tokenizer": "tokenizer"}[case] in r.stderr
+    assert says.format(**dirs) in r.stderr and r.stdout == ""
 
 
 def test_draft_reports_acceptance(dirs):
@@ -312,3 +440,41 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(dirs):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_typed_input_with_stdout_redirected_keeps_stdout_to_answers(dirs, tmp_path):
+    """Prompts, and the newlines after Ctrl-C or Ctrl-D at them, go to the terminal;
+    Ctrl-C at the "... " of a multi-line message drops the message."""
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1",
+               TERM="dumb")
+    answers = tmp_path / "answers.txt"
+    command = (f"exec {sys.executable} {ROOT / 'chat.py'} --model {dirs['tiny']} "
+               f"--max-tokens 3 > {answers}")
+    child = pexpect.spawn("bash", ["-c", command], env=env, cwd=str(ROOT), encoding="utf-8",
+                          timeout=60)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Hello")
+        child.expect_exact("3 tokens")
+        child.expect_exact(">>> ")
+        child.sendline('"""Two')
+        child.expect_exact("... ")
+        child.sendline('lines"""')
+        child.expect_exact("3 tokens")
+        child.expect_exact(">>> ")
+        child.sendline('"""Dropped')
+        child.expect_exact("... ")
+        child.sendintr()  # drops the message being typed, not the session
+        child.expect_exact("(message dropped)")
+        child.expect_exact(">>> ")
+        child.sendintr()
+        child.expect_exact("Ctrl-C again")
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    text = answers.read_text(encoding="utf-8", errors="replace")
+    assert text.count("\n") == 2 and "\n\n" not in text and ">>>" not in text, repr(text)
