@@ -20,7 +20,8 @@ from mobilemoe_mlx.errors import run_cli
 @click.option("--quantize/--no-quantize", default=True, show_default=True,
               help="Quantize linears, embedding and experts.")
 @click.option("--q-bits", type=int, default=4, show_default=True, help="4 or 8.")
-@click.option("--q-group-size", type=int, default=32, show_default=True, help="32, 64 or 128.")
+@click.option("--q-group-size", type=int, default=None,
+              help="32, 64 or 128. Default: a QAT checkpoint's own (kept bit for bit), else 32.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")

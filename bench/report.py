@@ -107,9 +107,13 @@ def build_report(results: dict, plots=None) -> str:
     ]
     if results.get("rss_peak_bytes"):
         out.append(f"- Peak RSS of the whole run (process-wide): {hb(results['rss_peak_bytes'])}")
-    if any(x["synthetic"] for x in results["models"]):
+    synthetic = [x for x in results["models"] if x["synthetic"]]
+    if any(not x["name"].endswith("tiny") for x in synthetic):
         out.append(f"- Synthetic weights at the exact published shapes (random INT{s['bits']} values: "
                    "speed and memory are those of the real models; outputs are meaningless)")
+    if any(x["name"].endswith("tiny") for x in synthetic):
+        out.append("- Tiny test models (random weights at toy shapes): a smoke test of the "
+                   "harness, not a measurement of MobileMoE or MobileLLM-Pro")
     if m["backend"] != "Metal":
         out += ["", "> **CPU backend.** MLX's CPU kernels are scalar and single-threaded: the "
                 "times below say nothing about an Apple device. Memory, bytes and FLOPs carry over."]

@@ -106,7 +106,9 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             q = built.quant
             storage = describe_storage(q.bits, q.group_size, built.dtype)
             if built.synthetic:
-                what = f"synthetic random weights at the published shape ({storage}), built in memory"
+                shape = ("tiny test shape, not a published one" if built.name.endswith("tiny")
+                         else "the published shape")
+                what = f"synthetic random weights at {shape} ({storage}), built in memory"
             else:
                 what = f"weights from {built.source} ({storage}, read from the checkpoint"
                 what += (f"; --dtype {settings.dtype} ignored: a checkpoint runs in its own "

@@ -36,7 +36,7 @@ def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
     from .model import Model, ModelArgs
 
     try:
-        return load_model(
+        model, config = load_model(
             path, lazy=lazy, model_config={"model_file": None},
             get_model_classes=lambda config: (Model, ModelArgs),
         )
@@ -44,6 +44,24 @@ def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
         raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from e
     except (FileNotFoundError, ValueError) as e:  # mlx-lm: no weights, or shapes that differ
         raise UserError(f"cannot load {path}: {e}; convert the checkpoint again") from e
+    _check_runs_here(model, path)
+    return model, config
+
+
+def _check_runs_here(model: nn.Module, path: Path) -> None:
+    """MLX's CPU backend has gather_mm in float32 only: say so at load, not at
+    the first token with a kernel error."""
+    import mlx.core as mx
+
+    from .model import ExpertLinear
+
+    experts = model.layers[0].feed_forward.experts.gate_up_proj
+    if (not mx.metal.is_available() and isinstance(experts, ExpertLinear)
+            and experts.weight.dtype != mx.float32):
+        raise UserError(
+            f"{path} keeps its experts unquantized in {str(experts.weight.dtype).split('.')[-1]}, which MLX's CPU "
+            "backend cannot run: convert again with --dtype float32, or quantize"
+        )
 
 
 def conversion_dtype() -> Optional[str]:
@@ -100,8 +118,9 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
         path_or_repo: a converted MLX directory, an unconverted checkpoint
             (directory or weights file), or a Hub repo id such as
             ``facebook/MobileMoE-S-QAT``. Unconverted sources are converted once
-            into the cache ($MOBILEMOE_MLX_HOME, else ~/.cache/mobilemoe-mlx),
-            keyed by repo and commit (or by path and file times).
+            into the cache ($MOBILEMOE_MLX_HOME, else $HF_HOME/mobilemoe-mlx,
+            else $XDG_CACHE_HOME or ~/.cache, under mobilemoe-mlx), keyed by repo
+            and commit (or by path and file times); float32 where there is no Metal.
         revision: Hub branch, tag or commit.
         lazy: leave weights on disk until first use.
     Returns:

@@ -105,3 +105,11 @@ def test_broken_converted_config_is_a_clear_error(checkpoint, tmp_path):
     (out / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         load(str(out))
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="Metal runs half-precision experts")
+def test_unquantized_half_precision_experts_are_refused_on_cpu(checkpoint, tmp_path):
+    out = convert(str(checkpoint), str(tmp_path / "mlx"), quantize=False, dtype="float16",
+                  progress=False)
+    with pytest.raises(UserError, match="convert again with --dtype float32"):
+        load(str(out))
