@@ -130,6 +130,23 @@ def test_qat_float16_keeps_scales_bit_exact_and_router_float32(converted, qat_ck
             assert np.array_equal(np.array(weights[n]).astype(np.float64), qat_ckpt.weights[n])
 
 
+def test_qat_float16_model_is_close_to_reference(converted, qat_ckpt, tokens, reference_logits):
+    # Half-precision compute rounds q * scale and the activations: close, not exact.
+    model = converted(qat_ckpt, "qat_fp16", dtype="float16").model()
+    out = model(mx.array(tokens))
+    mx.eval(out)
+    got = np.array(out.astype(mx.float32)).astype(np.float64)
+    want = reference_logits(qat_ckpt, tokens)
+    per_token = np.array([ref.cosine(got[b, i], want[b, i])
+                          for b in range(got.shape[0]) for i in range(got.shape[1])])
+    print(f"\n[qat->int4, float16 compute] cosine={ref.cosine(got, want):.6f}, "
+          f"tokens below 0.9999: {(per_token < 0.9999).sum()} of {per_token.size}")
+    # Most tokens agree closely; rounding may flip a near-tied top-k choice for a
+    # token or two, which moves that token's logits a lot (routing is discrete).
+    assert (per_token >= 0.9999).sum() >= per_token.size - 2
+    assert ref.cosine(got, want) >= 0.99
+
+
 def test_qat_dense_weights_equal_q_times_scale(qat_dense, tokens, reference_logits):
     weights = qat_dense.weights()
     assert not any(k.endswith(".scales") for k in weights)
