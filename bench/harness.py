@@ -207,6 +207,17 @@ def _to_device(h) -> mx.array:
     return a.view(view) if view is not None else a
 
 
+def _map_kv(cache, fn):
+    """Shallow copies of each layer's cache with `fn` applied to its keys and values."""
+    out = []
+    for c in cache:
+        c2 = copy.copy(c)
+        if getattr(c, "keys", None) is not None:
+            c2.keys, c2.values = fn(c.keys), fn(c.values)
+        out.append(c2)
+    return out
+
+
 def offload(cache):
     """A copy of a filled cache in host (NumPy) memory.
 
@@ -217,25 +228,13 @@ def offload(cache):
     holds exactly the weights, the cache being decoded and the temporaries.
     (Subtracting the copy's nbytes instead would be off by the allocator's
     rounding, and wrong whenever the copy shares a buffer with the cache.)"""
-    out = []
-    for c in cache:
-        c2 = copy.copy(c)
-        if getattr(c, "keys", None) is not None:
-            c2.keys, c2.values = _to_host(c.keys), _to_host(c.values)
-        out.append(c2)
-    return out
+    return _map_kv(cache, _to_host)
 
 
 def restore(host_cache):
     """A fresh, evaluated MLX cache from `offload()`'s copy (independent of it)."""
-    out = []
-    for c in host_cache:
-        c2 = copy.copy(c)
-        if getattr(c, "keys", None) is not None:
-            c2.keys, c2.values = _to_device(c.keys), _to_device(c.values)
-        out.append(c2)
-    mx.eval([c.keys for c in out if getattr(c, "keys", None) is not None]
-            + [c.values for c in out if getattr(c, "values", None) is not None])
+    out = _map_kv(host_cache, _to_device)
+    mx.eval([(c.keys, c.values) for c in out if getattr(c, "keys", None) is not None])
     return out
 
 
