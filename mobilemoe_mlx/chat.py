@@ -27,9 +27,7 @@ from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .checkpoint import WEIGHT_SUFFIXES
 from .errors import UserError
-from .hub import looks_like_repo_id
 from .routing import ExpertRecorder
 
 SIZES = ("S", "M", "L")
@@ -44,21 +42,6 @@ def model_source(model: str, variant: Optional[str] = None) -> str:
     if variant is not None:
         raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
     return model
-
-
-def check_source(source: str, option: str = "--model") -> None:
-    """Reject a source `load()` cannot use, before anything is downloaded or converted:
-    an empty one, a file that is no weights file, or neither a path nor a repo id."""
-    if not source.strip():
-        raise UserError(f"{option} is empty: give S, M, L, a Hub repo id or a path")
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir() and path.suffix not in WEIGHT_SUFFIXES:
-            raise UserError(f"{option} {source} is neither a directory nor a weights file "
-                            f"({' '.join(WEIGHT_SUFFIXES)}); pass the checkpoint's directory")
-    elif not looks_like_repo_id(source):
-        raise UserError(f"{option} {source} is neither an existing path nor a Hub repo id "
-                        "(org/name)")
 
 
 def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,

@@ -257,11 +257,11 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
         SIZES,
         Sampling,
         check_options,
-        check_source,
         check_system_fits,
         load_chat_model,
         model_source,
     )
+    from .loading import check_source
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     check_options(draft is not None, max_kv_size, kv_bits, raw, system)  # before any download

@@ -86,20 +86,34 @@ def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
     return cache_root() / "local" / key.hexdigest()[:16]
 
 
+def check_source(source: str, option: str = "source") -> None:
+    """Reject a source `load()` cannot use, before anything is fetched or converted:
+    an empty one, a file that is no weights file, or neither a path nor a repo id."""
+    if not source.strip():
+        raise UserError(f"{option} is empty: give S, M, L, a Hub repo id or a path")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() and path.suffix not in WEIGHT_SUFFIXES:
+            raise UserError(f"{option} {source} is neither a directory nor a weights file "
+                            f"({' '.join(WEIGHT_SUFFIXES)}); pass the checkpoint's directory")
+    elif not looks_like_repo_id(source):
+        raise UserError(f"{option} {source} is neither an existing path nor a Hub repo id "
+                        "(org/name)")
+
+
 def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
                       progress: bool = True) -> Path:
     """A converted directory for any source, converting into the cache once."""
+    check_source(path_or_repo)
     dtype = conversion_dtype()
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if is_converted(path):
             return path
         target = _local_cache_dir(path, dtype)
-    elif looks_like_repo_id(path_or_repo):
+    else:  # check_source made sure it is a repo id
         commit = resolve_revision(path_or_repo, revision)
         target = converted_cache_dir(path_or_repo, commit + (f"-{dtype}" if dtype else ""))
-    else:
-        raise UserError(f"{path_or_repo} is neither an existing path nor a Hub repo id (org/name)")
     if is_converted(target):
         if progress:
             print(f"using the converted model cached at {target}", file=sys.stderr)
