@@ -90,7 +90,8 @@ def check_source(source: str, option: str = "source") -> None:
     """Reject a source `load()` cannot use, before anything is fetched or converted:
     an empty one, a file that is no weights file, or neither a path nor a repo id."""
     if not source.strip():
-        raise UserError(f"{option} is empty: give S, M, L, a Hub repo id or a path")
+        sizes = "S, M, L, " if option.startswith("--") else ""  # the CLIs also take sizes
+        raise UserError(f"{option} is empty: give {sizes}a Hub repo id or a path")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir() and path.suffix not in WEIGHT_SUFFIXES:
