@@ -86,8 +86,8 @@ public enum Machine {
             chip: gpu.architecture, cpu: cpu, machine: sysctlString("hw.machine") ?? "arm64",
             os: osDescription(), memoryBytes: Int(ProcessInfo.processInfo.physicalMemory),
             cpuCount: ProcessInfo.processInfo.processorCount,
-            mlx: "mlx-swift \(PinnedVersions.mlxSwift)",
-            mlxLm: "mlx-swift-lm \(PinnedVersions.mlxSwiftLM)",
+            mlx: "\(PinnedVersions.mlxSwift) (mlx-swift)",
+            mlxLm: "\(PinnedVersions.mlxSwiftLM) (mlx-swift-lm)",
             backend: Device.defaultDevice().deviceType == .gpu ? "Metal" : "CPU",
             defaultDevice: Device.defaultDevice().description, deviceModel: deviceModel())
     }
