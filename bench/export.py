@@ -250,10 +250,13 @@ def settings_from(opts: dict, dtype: str = "float16") -> Settings:
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="A converted MobileMoE directory.")
 @click.option("--out", type=click.Path(), help=f"[default: MODEL/{PLAN_FILE}]")
+@click.option("--name", help="The model's name in results.json, e.g. S to pair it with "
+              "`bench run --models S --weights DIR` in `bench report --compare`. "
+              "[default: the directory, as `bench run --models DIR` names it]")
 @_protocol
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--verbose", is_flag=True)
-def export_prompts(model_dir, out, force, verbose, **opts):
+def export_prompts(model_dir, out, name, force, verbose, **opts):
     """Write the bench plan (prompt token ids, settings, analytic figures) the
     Swift benchmark runs for a converted model."""
     def go():
@@ -261,6 +264,7 @@ def export_prompts(model_dir, out, force, verbose, **opts):
 
         settings = settings_from(opts)
         built = load_checkpoint(model_dir, "--model")
+        built.name = name or built.name
         settings.dtype = built.dtype
         target = Path(out) if out else Path(model_dir) / PLAN_FILE
         click.echo(f"wrote {write_json_atomic(target, build_plan(built, settings), force)}")

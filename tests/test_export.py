@@ -97,7 +97,8 @@ def test_export_prompts_writes_the_tokenizers_ids_and_the_quick_protocol(qat_int
     from tokenizers import Tokenizer
 
     out = tmp_path / "plan.json"
-    result = invoke("export-prompts", "--model", str(qat_int4.path), "--out", str(out), "--quick")
+    result = invoke("export-prompts", "--model", str(qat_int4.path), "--out", str(out), "--quick",
+                    "--name", "tiny")
     assert result.exit_code == 0, result.output
     plan = json.loads(out.read_text())
     s = plan["settings"]
@@ -123,6 +124,7 @@ def test_export_prompts_writes_the_tokenizers_ids_and_the_quick_protocol(qat_int
         kv = 2 * config["num_key_value_heads"] * config["head_dim"]
         assert plan["kv_cache_bytes_analytic"][str(n)] == kv * config["num_hidden_layers"] * n * 4
     assert plan["family"] == "moe" and plan["dtype"] == "float32" and plan["per_expert_bytes"] > 0
+    assert plan["name"] == "tiny"
 
 
 def test_export_prompts_rejects_a_directory_that_is_no_converted_model(tmp_path):

@@ -24,7 +24,7 @@ public final class BenchmarkRunner {
     let output: URL
     let progress: ProgressHandler
     var results: BenchResults
-    var plans: [BenchPlan] = []
+    let plans: [BenchPlan]
 
     /// `output`: the results.json to write. `cacheLimit`: MLX's buffer-cache
     /// limit in bytes (nil: MLX's default); a phone wants a small one.
@@ -37,16 +37,16 @@ public final class BenchmarkRunner {
         self.output = output
         self.progress = progress
         if let cacheLimit { Memory.cacheLimit = cacheLimit }
-        plans = try models.map { try BenchPlan.load(modelDirectory: $0.directory) }
-        let first = plans[0].settings
-        for (plan, model) in zip(plans, models).dropFirst() where plan.settings != first {
+        let plans = try models.map { try BenchPlan.load(modelDirectory: $0.directory) }
+        for (plan, model) in zip(plans, models).dropFirst() where plan.settings != plans[0].settings {
             throw BenchError.input(
                 "\(model.directory.lastPathComponent)'s bench plan has other settings than "
                     + "\(models[0].directory.lastPathComponent)'s: export both with the same options")
         }
+        self.plans = plans
         let created = ISO8601DateFormatter.string(
             from: Date(), timeZone: .current, formatOptions: [.withInternetDateTime])
-        results = BenchResults(
+        self.results = BenchResults(
             schema: BenchResults.schemaName, schemaVersion: BenchResults.version,
             created: created, interrupted: false, machine: Machine.info(),
             settings: plans[0].rawSettings, rssPeakBytes: ProcessMemory.peakResidentBytes(),
