@@ -3,7 +3,7 @@
 // the SwiGLU feed-forward block, and the expert linears kept [E, in, out].
 //
 // They compute what mobilemoe_mlx/model.py computes (the Python port is the
-// reference; tests/test_swift_model_keys.py checks the parameter names and
+// reference; tests/test_swift_sources.py checks the parameter names and
 // Tests/MobileMoETests checks the numbers against a Python fixture).
 
 import Foundation

@@ -1,7 +1,7 @@
 // results.json in bench/schema.py's schema ("mobilemoe-bench/results" v2), so
 // `python -m bench report DIR` and `--compare` read a Swift run beside a Python
 // one. Fields beyond the schema (runtime, device model, process footprint) are
-// extra keys the report ignores. tests/test_swift_results.py checks these
+// extra keys the report ignores. tests/test_swift_sources.py checks these
 // field names against bench/schema.py, extracted from this file's syntax tree.
 
 import Foundation
