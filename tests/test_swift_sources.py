@@ -24,12 +24,11 @@ from typing import Dict, List, Optional, Set
 
 import mlx.nn as nn
 import pytest
+import tree_sitter as ts  # the `dev` extra: tree-sitter and tree-sitter-swift
+import tree_sitter_swift
 from mlx.utils import tree_flatten
 
 from bench import schema
-
-ts = pytest.importorskip("tree_sitter")
-tree_sitter_swift = pytest.importorskip("tree_sitter_swift")
 
 ROOT = Path(__file__).resolve().parents[1]
 IOS = Path(os.environ.get("MOBILEMOE_IOS_DIR", ROOT / "ios"))
