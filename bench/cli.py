@@ -173,3 +173,9 @@ def plan(model, context, kv_bits, bits, group_size, budget_gb, as_json, verbose)
         click.echo(json.dumps(p, indent=1) if as_json else format_plan(model, p))
 
     run_cli(go, verbose)
+
+
+# The export commands of the Swift benchmark and parity test (ios/), in bench/export.py.
+from .export import register as _register_exports  # noqa: E402
+
+_register_exports(main)
