@@ -13,6 +13,7 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.errors import UserError
 
+from .estimate import announce
 from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
 from .models import (
     build,
@@ -75,6 +76,7 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     every model entry measured so far (results.json says "interrupted"); the
     report is always written, with Ctrl-C ignored while it is."""
     out = Path(out_dir)
+    check_out_dir(out)
     replaced = validate_models(models, settings, weights)
     out.mkdir(parents=True, exist_ok=True)
     if settings.bandwidth_gbps is None:
@@ -98,6 +100,7 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     log(f"{m['chip']}, {m['backend']} backend, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
         + ("  (CPU timings here are not Apple figures; memory, bytes and FLOPs are)"
            if m["backend"] != "Metal" else ""))
+    announce(_configs(models, weights, replaced), settings, m["backend"], log)
     bar = Progress(_work(settings, models), enabled=progress)
     try:
         for name in models:
@@ -145,8 +148,30 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             if results["interrupted"]:
                 log("interrupted: keeping the results measured so far")
             log(f"writing {out / 'report.md'}")
-            write_report(out, plots=plots)
+            write_report(out, plots=plots, log=log)
     return results
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a directory or a path to create one at, never an existing file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a directory: give a directory "
+                        "for results.json, report.md and the plots (it is made if missing)")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _configs(models: List[str], weights: Optional[str], replaced: List[str]) -> dict:
+    """The config of every model to run, by name, without building any."""
+    configs = {}
+    for name in models:
+        path = weights if name in replaced else name if is_checkpoint_name(name) else None
+        if path is None:
+            configs[name] = model_config(name)
+        else:
+            configs[name] = json.loads((Path(path).expanduser() / "config.json").read_text())
+    return configs
 
 
 def _work(s: Settings, models: List[str]) -> float:

@@ -57,7 +57,8 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
 
     model, tokenizer = load(source, revision=revision, lazy=True, progress=progress)
     # Weights are still on disk (lazy): this is the moment to warn.
-    warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits)
+    warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits,
+                           dtype=_activation_dtype(model))
     if warning and progress:
         print(f"warning: {warning}; expect swapping or a failed load", file=sys.stderr)
     if not raw and not tokenizer.has_chat_template:
@@ -505,6 +506,15 @@ def check_seed(seed: Optional[int]) -> None:
     """mx.random.seed takes an unsigned 64-bit integer; anything else is a TypeError there."""
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be between 0 and 2**64-1, not {seed}")
+
+
+def _activation_dtype(model) -> str:
+    """The dtype the model computes (and caches keys and values) in: its norms'."""
+    import mlx.nn as nn
+
+    norm = next((m for m in model.modules() if isinstance(m, nn.RMSNorm)), None)
+    dtype = norm.weight.dtype if norm is not None else mx.float32
+    return {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
 
 
 def _kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
