@@ -27,7 +27,20 @@ class Finite(click.FloatRange):
         return number
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Command):
+    """click's usage errors as one line and exit code 2, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
+            sys.exit(2)
+        except click.Abort:
+            sys.exit(130)
+
+
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", default="S", show_default=True,
               help="S, M or L (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
                    "directory or weights file, or a converted MLX directory.")
@@ -75,14 +88,7 @@ def main(verbose, kv_bits, **options):
 
 
 def cli() -> None:
-    """`main`, with click's usage errors as one line and exit code 2 like every other."""
-    try:
-        main.main(standalone_mode=False)
-    except click.UsageError as e:
-        print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
-        sys.exit(2)
-    except click.Abort:
-        sys.exit(130)
+    main()
 
 
 if __name__ == "__main__":
