@@ -82,7 +82,7 @@ def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> float:
     returns it in seconds."""
     rate = measured_flops(s.dtype)
     seconds = run_seconds(configs, s, rate)
-    log(f"estimated time: about {duration(seconds)} ({rate / 1e9:.2f} GFLOP/s measured for "
+    log(f"estimated time: {'' if seconds < 60 else 'about '}{duration(seconds)} ({rate / 1e9:.2f} GFLOP/s measured for "
         f"{s.dtype} INT4 matmuls on the {backend} backend)")
     if seconds > HOURS_WARNING:
         log(f"warning: these settings will take hours here ({_biggest(configs, s)}); "

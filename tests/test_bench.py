@@ -470,7 +470,7 @@ def test_run_time_estimate_follows_the_work():
 
 def test_quick_run_estimates_minutes_at_most(quick_run):
     logs = quick_run[2]
-    assert any(m.startswith("estimated time: about") for m in logs)
+    assert any(m.startswith("estimated time: under a minute") for m in logs)
     assert not any("will take hours" in m for m in logs)
 
 
