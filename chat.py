@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from mobilemoe_mlx.chat import MIN_KV_SIZE, SEED_MAX
+from mobilemoe_mlx.chat_options import MIN_KV_SIZE, SEED_MAX
 from mobilemoe_mlx.errors import run_cli
 
 

@@ -300,7 +300,8 @@ def _check_before_loading(model, variant, system, raw, sampling, seed, max_kv_si
                           draft, prompt) -> Tuple[str, Optional[str]]:
     """Every check that needs no model, so a mistake costs no download or load.
     Returns the model's source and the draft's (None without --draft)."""
-    from .chat import SIZES, check_options, check_sampling, check_seed, model_source
+    from .chat import SIZES, model_source
+    from .chat_options import check_options, check_sampling, check_seed
     from .loading import check_source
 
     check_options(draft is not None, max_kv_size, kv_bits, raw, system)
