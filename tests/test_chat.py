@@ -608,3 +608,26 @@ def test_typed_input_with_stdout_redirected_keeps_stdout_to_answers(dirs, loaded
     assert child.exitstatus == 0
     text = answers.read_text(encoding="utf-8")
     assert text == _expected_stdout(loaded, ["Hello", "Two\nlines"], 3), repr(text)
+
+
+@pytest.mark.e2e
+def test_typed_bytes_that_are_not_utf8_get_a_note_and_the_session_goes_on(dirs):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1",
+               TERM="dumb")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(dirs["tiny"]),
+                                           "--max-tokens", "3"], env=env, cwd=str(ROOT),
+                          timeout=60)
+    try:
+        child.expect_exact(b">>> ")
+        child.send(b"caf\xe9 \xff\r")  # Latin-1 bytes typed into a UTF-8 session
+        assert child.expect([b"not valid UTF-8", b"internal error", pexpect.EOF]) == 0
+        child.expect_exact(b">>> ")
+        child.sendline(b"Hello")
+        child.expect_exact(b"3 tokens")
+        child.expect_exact(b">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
