@@ -200,16 +200,19 @@ def _protocol(f):
     s = Settings()
     for opt in reversed([
         click.option("--quick", is_flag=True, help="bench run --quick's short settings."),
-        click.option("--prompt-lengths", help=f"[default: {','.join(map(str, s.prompt_lengths))}]"),
+        click.option("--prompt-lengths", help=f"Prefill prompt lengths. [default: {','.join(map(str, s.prompt_lengths))}]"),
         click.option("--decode-contexts",
-                     help=f"[default: {','.join(map(str, s.decode_contexts))}]"),
-        click.option("--gen-tokens", type=int, help=f"[default: {s.gen_tokens}]"),
-        click.option("--repeats", type=int, help=f"[default: {s.repeats}]"),
-        click.option("--warmup", type=int, help=f"[default: {s.warmup}]"),
-        click.option("--routing-tokens", type=int, help=f"[default: {s.routing_tokens}]"),
-        click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True),
-        click.option("--prefill-step", type=int, default=2048, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+                     help=f"Contexts to decode at. [default: {','.join(map(str, s.decode_contexts))}]"),
+        click.option("--gen-tokens", type=int, help=f"Decode tokens per run. [default: {s.gen_tokens}]"),
+        click.option("--repeats", type=int, help=f"Timed repeats per setting. [default: {s.repeats}]"),
+        click.option("--warmup", type=int, help=f"Untimed warm-up runs per setting. [default: {s.warmup}]"),
+        click.option("--routing-tokens", type=int, help=f"Tokens of the routing phase. [default: {s.routing_tokens}]"),
+        click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True,
+                     help="Prompt text for the timed runs."),
+        click.option("--prefill-step", type=int, default=2048, show_default=True,
+                     help="Prefill chunk size (as mlx-lm's prefill_step_size)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random prompts."),
     ]):
         f = opt(f)
     return f
@@ -255,7 +258,7 @@ def settings_from(opts: dict, dtype: str = "float16") -> Settings:
               "[default: the directory, as `bench run --models DIR` names it]")
 @_protocol
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def export_prompts(model_dir, out, name, force, verbose, **opts):
     """Write the bench plan (prompt token ids, settings, analytic figures) the
     Swift benchmark runs for a converted model."""
@@ -278,11 +281,13 @@ def export_prompts(model_dir, out, name, force, verbose, **opts):
 @click.option("--out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               default="float16", show_default=True, help="Activation dtype (Metal: float16).")
-@click.option("--bits", type=int, default=4, show_default=True)
-@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="Weight bits (2, 3, 4, 5, 6 or 8).")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="Weight group size (32, 64 or 128).")
 @_protocol
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def export_synthetic(name, out, dtype, bits, group_size, force, verbose, **opts):
     """Write a preset with random weights (e.g. the dense baseline) as a model
     directory the Swift benchmark loads, with its bench plan."""
@@ -309,9 +314,10 @@ def export_synthetic(name, out, dtype, bits, group_size, force, verbose, **opts)
 
 @click.command("export-parity")
 @click.option("--out", required=True, type=click.Path(), help="Directory to create.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the fixture's random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def export_parity_cmd(out, seed, force, verbose):
     """Write the Swift parity fixture: a tiny converted model, token ids, the
     Python model's float32 logits and its chosen experts per layer."""
