@@ -1,95 +1,12 @@
-"""Chat with a MobileMoE model in the terminal.
+"""Chat with a MobileMoE model in the terminal (`mobilemoe-chat` once installed).
 
     python chat.py --model S                       # facebook/MobileMoE-S-QAT
-    python chat.py --model L --kv-bits 8 --draft S
     python chat.py --model mlx/MobileMoE-S --prompt "Name three prime numbers."
-    python chat.py --model S --variant base --raw   # plain continuation
-    python chat.py --model S < questions.txt        # one message per line
+
+The command itself lives in mobilemoe_mlx/chat_cli.py; `python chat.py -h` lists its options.
 """
 
-import math
-import sys
-
-import click
-
-from mobilemoe_mlx.chat_options import MIN_KV_SIZE, SEED_MAX
-from mobilemoe_mlx.errors import run_cli
-
-
-class Finite(click.FloatRange):
-    """A FloatRange that also refuses nan and inf: nan passes every range check
-    (it compares false with any bound) and would sample garbage without a word."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
-
-
-class OneLineErrors(click.Command):
-    """click's usage errors as one line and exit code 2, like every other error."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
-            sys.exit(2)
-        except click.Abort:
-            sys.exit(130)
-
-
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "-m", default="S", show_default=True,
-              help="S, M or L (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
-                   "directory or weights file, or a converted MLX directory.")
-@click.option("--variant", type=click.Choice(["qat", "sft", "base"]), default=None,
-              help="Release of --model S|M|L: qat (INT4, the default), sft (bf16, quantized "
-                   "to INT4 when converted) or base (no chat template: needs --raw).")
-@click.option("--revision", default=None, help="Hub branch, tag or commit.")
-@click.option("--system", default=None, help="System prompt (not with --raw).")
-@click.option("--raw", is_flag=True,
-              help="No chat template: each message is continued as plain text.")
-@click.option("--temp", type=Finite(min=0), default=0.0, show_default=True,
-              help="Sampling temperature; 0 is greedy (as the model card decodes).")
-@click.option("--top-p", type=Finite(0, 1), default=1.0, show_default=True,
-              help="Nucleus sampling; 1 is off.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sample among the k most likely tokens; 0 is off.")
-@click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
-              help="Drop tokens below this fraction of the top token's probability; 0 is off.")
-@click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
-              help="Penalise the last 20 tokens; 1.15 stops MobileMoE looping on lists.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Longest answer, in tokens.")
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
-              help="Random seed for sampling (0 to 2**64-1).")
-@click.option("--max-kv-size", type=click.IntRange(min=MIN_KV_SIZE), default=None,
-              help="Keep only this many tokens in a rotating KV cache (the oldest are "
-                   "forgotten, except the first 4).")
-@click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
-              help="Quantize the KV cache to 4 or 8 bits (the paper's memory model assumes 8).")
-@click.option("--draft", default=None,
-              help="Speculative decoding with a smaller MobileMoE: S, M or a path / repo id.")
-@click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Tokens the draft model proposes per step.")
-@click.option("--prompt", "-p", default=None, help="Answer this one message and exit.")
-@click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
-def main(verbose, kv_bits, **options):
-    """Chat with a MobileMoE model: streamed answers, KV cache kept across turns.
-
-    Inside the chat: /help, /reset, /system TEXT, /stats, /quit. Ctrl-C stops an
-    answer, Ctrl-D leaves. Answers go to stdout, everything else to stderr."""
-    from mobilemoe_mlx.chat_commands import chat
-
-    kv_bits = int(kv_bits) if kv_bits else None
-    run_cli(lambda: chat(kv_bits=kv_bits, **options), verbose)
-
-
-def cli() -> None:
-    main()
-
+from mobilemoe_mlx.chat_cli import cli
 
 if __name__ == "__main__":
     cli()

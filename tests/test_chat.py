@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +25,7 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mobilemoe_mlx import chat_cli
 from mobilemoe_mlx.chat import ChatSession, Sampling, draft_acceptance, load_chat_model
 from mobilemoe_mlx.chat_commands import Terminal
 from mobilemoe_mlx.errors import UserError
@@ -36,15 +36,7 @@ FRANCE = "What is the capital of France?"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # but newline and tab
 
 
-def _chat_cli():
-    """chat.py's click command, imported from the file (it is a script, not a module)."""
-    spec = spec_from_file_location("chat_script", ROOT / "chat.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-CHAT = _chat_cli()
+CHAT = chat_cli.main  # the click command behind chat.py and mobilemoe-chat
 
 
 @pytest.fixture(scope="module")
