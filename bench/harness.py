@@ -10,12 +10,15 @@ whose logits give the first generated token (TTFT = all of that).
 Decode first fills a cache to the requested context the same way (untimed),
 keeps a copy of it in host memory (NumPy, outside MLX's memory accounting),
 and for every repeat generates `gen_tokens` greedy tokens from a fresh MLX copy
-of it, timing the host-side graph building of each step (the Python work
-before `mx.eval`) apart from the whole step. Steps are timed synchronously:
-each is evaluated before the next is built (no `mx.async_eval` pipelining).
+of it in the loop users run: mlx-lm's generate_step, where step i+1 is built
+and queued (`mx.async_eval`) before token i is read, so tokens/s is what chat
+and `mlx_lm.generate` report. The host time to build each step's graph is
+timed inside that loop, and once more with nothing else running, when the
+step's graph is also counted (operations per decode step).
 """
 
 import copy
+import io
 import os
 import platform
 import resource
@@ -30,9 +33,11 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from mobilemoe_mlx import analytic
+from mobilemoe_mlx.planner import PREFILL_CHUNK
 from mobilemoe_mlx.routing import ExpertRecorder
 
 
@@ -44,7 +49,7 @@ class Settings:
     repeats: int = 5
     warmup: int = 1
     prompts: str = "real"  # real | random | repeat
-    prefill_step: int = 2048
+    prefill_step: int = PREFILL_CHUNK  # the chunk chat prefills with too
     routing_tokens: int = 1024  # prompt length of the real-vs-dummy routing phase
     dtype: str = "float32"  # activations (and KV cache)
     bits: int = 4
@@ -177,22 +182,61 @@ def prefill(model: nn.Module, tokens: mx.array, cache, step: int) -> mx.array:
     return y
 
 
+def _step(model: nn.Module, y: mx.array, cache):
+    """One greedy decode step as mlx-lm's generate_step builds it: the model,
+    the last position's log-probabilities, their argmax. `y` is [1]."""
+    logits = model(y[None], cache=cache)[:, -1, :]
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    return mx.argmax(logprobs, axis=-1), logprobs
+
+
 def decode(model: nn.Module, y: mx.array, cache, n: int):
-    """Generate `n` greedy tokens. Returns (seconds, per-step seconds, per-step
-    graph-building seconds): building is the time to construct the lazy graph
-    before `mx.eval` runs it."""
-    steps, builds = [], []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        ts = time.perf_counter()
-        logits = model(y[None], cache=cache)
-        y = mx.argmax(logits[:, -1, :], axis=-1)
-        tb = time.perf_counter()
-        mx.eval(y)
-        te = time.perf_counter()
-        builds.append(tb - ts)
-        steps.append(te - ts)
-    return time.perf_counter() - t0, steps, builds
+    """Generate `n` greedy tokens after `y` with the loop users run (mlx-lm's
+    generate_step, which chat and mlx_lm.generate use): the graph of step i+1
+    is built and handed to `mx.async_eval` before token i is read, so the host
+    builds while the device computes. Returns (seconds for the n tokens,
+    per-step host graph-building seconds)."""
+    builds = []
+    with mx.stream(generation_stream):
+        t0 = time.perf_counter()
+        nxt = _step(model, y, cache)
+        builds.append(time.perf_counter() - t0)
+        mx.async_eval(nxt)
+        for i in range(n):
+            current = nxt
+            if i + 1 < n:
+                tb = time.perf_counter()
+                nxt = _step(model, current[0], cache)
+                builds.append(time.perf_counter() - tb)
+                mx.async_eval(nxt)
+            current[0].item()  # the token, as a user's loop reads it
+        total = time.perf_counter() - t0
+    return total, builds
+
+
+def graph_nodes(*arrays: mx.array) -> int:
+    """Operations (primitives) in the not yet evaluated graph behind `arrays`:
+    what one evaluation of them launches, at most (compiled elementwise
+    chains count once, as they run as one kernel)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return dot.getvalue().count("shape=rectangle")
+
+
+def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 3):
+    """Build `steps` decode steps with nothing else running, timing each build
+    and counting the first one's graph. Returns (nodes, build seconds[])."""
+    builds, nodes = [], None
+    with mx.stream(generation_stream):
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = _step(model, y, cache)
+            builds.append(time.perf_counter() - t)
+            if nodes is None:
+                nodes = graph_nodes(*out)
+            mx.eval(out)
+            y = out[0]
+    return nodes, builds
 
 
 def _to_host(a: mx.array):
@@ -344,14 +388,17 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
         base = offload(cache)  # host memory: not part of the decode peak
         del cache
         progress.update(c, f"{name}: fill cache to {c}")
+        probe_cache = restore(base)
+        nodes, idle_builds = probe_step(model, y, probe_cache)
+        del probe_cache
         tps, step_med, build_med, peaks = [], [], [], []
         for r in range(s.warmup + s.repeats):
             run_cache = restore(base)
             start_phase()
-            total, steps, builds = decode(model, y, run_cache, s.gen_tokens)
+            total, builds = decode(model, y, run_cache, s.gen_tokens)
             if r >= s.warmup:
                 tps.append(s.gen_tokens / total)
-                step_med.append(statistics.median(steps))
+                step_med.append(total / s.gen_tokens)  # steps overlap: the mean
                 build_med.append(statistics.median(builds))
                 peaks.append(mx.get_peak_memory())
             del run_cache
@@ -365,6 +412,8 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
             "step_s": stats(step_med),
             "graph_build_s": stats(build_med),
             "graph_build_fraction": statistics.median(build_med) / statistics.median(step_med),
+            "graph_nodes": nodes,
+            "graph_build_idle_s": stats(idle_builds),
             "peak_memory_bytes": max(peaks),
             "fill_s": fill_s,
             "fill_peak_memory_bytes": fill_peak,

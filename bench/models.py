@@ -182,13 +182,14 @@ def _not_router(path: str, module: nn.Module) -> bool:
 
 
 def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size: int = 32,
-                    seed: int = 0) -> Built:
-    """A model at `name`'s exact shape with random quantized weights.
+                    seed: int = 0, config: Optional[dict] = None) -> Built:
+    """A model at `name`'s exact shape (or `config`'s, e.g. a depth-reduced
+    preset) with random quantized weights.
 
     Built lazily, quantized, then given fresh random packed weights and
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
-    config = model_config(name)
+    config = dict(config) if config is not None else model_config(name)
     model = instantiate(config)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_not_router)
     config["quantization"] = {"group_size": group_size, "bits": bits}
