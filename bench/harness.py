@@ -195,8 +195,8 @@ def decode(model: nn.Module, y: mx.array, cache, n: int):
     generate_step, which chat and mlx_lm.generate use): the graph of step i+1
     is built and handed to `mx.async_eval` before token i is read, so the host
     builds while the device computes. Returns (seconds for the n tokens,
-    per-step host graph-building seconds)."""
-    builds = []
+    per-step host graph-building seconds, the tokens)."""
+    builds, tokens = [], []
     with mx.stream(generation_stream):
         t0 = time.perf_counter()
         nxt = _step(model, y, cache)
@@ -209,9 +209,9 @@ def decode(model: nn.Module, y: mx.array, cache, n: int):
                 nxt = _step(model, current[0], cache)
                 builds.append(time.perf_counter() - tb)
                 mx.async_eval(nxt)
-            current[0].item()  # the token, as a user's loop reads it
+            tokens.append(current[0].item())  # the token, as a user's loop reads it
         total = time.perf_counter() - t0
-    return total, builds
+    return total, builds, tokens
 
 
 def graph_nodes(*arrays: mx.array) -> int:
@@ -223,7 +223,7 @@ def graph_nodes(*arrays: mx.array) -> int:
     return dot.getvalue().count("shape=rectangle")
 
 
-def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 3):
+def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 8):
     """Build `steps` decode steps with nothing else running, timing each build
     and counting the first one's graph. Returns (nodes, build seconds[])."""
     builds, nodes = [], None
@@ -395,7 +395,7 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
         for r in range(s.warmup + s.repeats):
             run_cache = restore(base)
             start_phase()
-            total, builds = decode(model, y, run_cache, s.gen_tokens)
+            total, builds, _ = decode(model, y, run_cache, s.gen_tokens)
             if r >= s.warmup:
                 tps.append(s.gen_tokens / total)
                 step_med.append(total / s.gen_tokens)  # steps overlap: the mean

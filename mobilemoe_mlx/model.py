@@ -75,22 +75,18 @@ class ModelArgs(BaseModelArgs):
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
 
 
-def _stacked(linears: List[nn.Module]) -> nn.Module:
-    """One linear whose output rows are `linears`' rows, in order (no bias).
+def _stacked(linears: List[nn.QuantizedLinear]) -> nn.QuantizedLinear:
+    """One quantized linear whose output rows are `linears`' rows, in order.
 
-    Quantized linears stack their packed words, scales and biases: each output
-    row keeps its own groups (they run along the input dimension), so the
-    values, and every product, are exactly those of the separate matmuls."""
+    The packed words, scales and biases are stacked: each output row keeps its
+    own groups (they run along the input dimension), so the values, and every
+    product, are exactly those of the separate matmuls."""
     first = linears[0]
     out = sum(m.weight.shape[0] for m in linears)
-    if isinstance(first, nn.QuantizedLinear):
-        fused = nn.QuantizedLinear(first.weight.shape[1] * 32 // first.bits, out, False,
-                                   first.group_size, first.bits, first.mode)
-        for name in ("weight", "scales", "biases"):
-            setattr(fused, name, mx.concatenate([getattr(m, name) for m in linears]))
-    else:
-        fused = nn.Linear(first.weight.shape[1], out, bias=False)
-        fused.weight = mx.concatenate([m.weight for m in linears])
+    fused = nn.QuantizedLinear(first.weight.shape[1] * 32 // first.bits, out, False,
+                               first.group_size, first.bits, first.mode)
+    for name in ("weight", "scales", "biases"):
+        setattr(fused, name, mx.concatenate([getattr(m, name) for m in linears]))
     return fused
 
 
@@ -104,10 +100,13 @@ class _Fusable(nn.Module):
         """Stack the in-memory projections (quantized ones only: a float
         matmul's summation order may change with its width; a quantized one's
         does not)."""
-        if self.is_fused() or not all(
-                isinstance(getattr(self, p), nn.QuantizedLinear) for p in self.parts):
+        parts = [getattr(self, p) for p in self.parts] if not self.is_fused() else []
+        if not parts or not all(isinstance(m, nn.QuantizedLinear) and "bias" not in m
+                                for m in parts):
             return
-        setattr(self, self.fused, _stacked([getattr(self, p) for p in self.parts]))
+        if len({(m.bits, m.group_size, m.mode, m.scales.dtype) for m in parts}) != 1:
+            return  # mixed precision: one matmul cannot take both packings
+        setattr(self, self.fused, _stacked(parts))
         for p in self.parts:
             delattr(self, p)
 
