@@ -7,14 +7,40 @@
     python chat.py --model S < questions.txt        # one message per line
 """
 
+import math
 import sys
 
 import click
 
+from mobilemoe_mlx.chat_options import MIN_KV_SIZE, SEED_MAX
 from mobilemoe_mlx.errors import run_cli
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: nan passes every range check
+    (it compares false with any bound) and would sample garbage without a word."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class OneLineErrors(click.Command):
+    """click's usage errors as one line and exit code 2, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
+            sys.exit(2)
+        except click.Abort:
+            sys.exit(130)
+
+
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", default="S", show_default=True,
               help="S, M or L (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
                    "directory or weights file, or a converted MLX directory.")
@@ -25,20 +51,21 @@ from mobilemoe_mlx.errors import run_cli
 @click.option("--system", default=None, help="System prompt (not with --raw).")
 @click.option("--raw", is_flag=True,
               help="No chat template: each message is continued as plain text.")
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temp", type=Finite(min=0), default=0.0, show_default=True,
               help="Sampling temperature; 0 is greedy (as the model card decodes).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--top-p", type=Finite(0, 1), default=1.0, show_default=True,
               help="Nucleus sampling; 1 is off.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample among the k most likely tokens; 0 is off.")
-@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
               help="Drop tokens below this fraction of the top token's probability; 0 is off.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
               help="Penalise the last 20 tokens; 1.15 stops MobileMoE looping on lists.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Longest answer, in tokens.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option("--max-kv-size", type=click.IntRange(min=8), default=None,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
+              help="Random seed for sampling (0 to 2**64-1).")
+@click.option("--max-kv-size", type=click.IntRange(min=MIN_KV_SIZE), default=None,
               help="Keep only this many tokens in a rotating KV cache (the oldest are "
                    "forgotten, except the first 4).")
 @click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
@@ -61,14 +88,7 @@ def main(verbose, kv_bits, **options):
 
 
 def cli() -> None:
-    """`main`, with click's usage errors as one line and exit code 2 like every other."""
-    try:
-        main.main(standalone_mode=False)
-    except click.UsageError as e:
-        print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
-        sys.exit(2)
-    except click.Abort:
-        sys.exit(130)
+    main()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner."""
 
+import math
 import sys
 
 import click
@@ -40,12 +41,15 @@ def _ints(text: str, option: str):
     return values
 
 
-@click.group()
+HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=HELP)
 def main():
     """MobileMoE benchmarks: run, report, plan."""
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.option("--models", help="Comma-separated: S, M, L, tiny, pro, pro-tiny, glm4-S (mlx-lm's "
               "glm4_moe at S shape; also glm4-M, glm4-L, glm4-tiny) or a converted "
               "directory. [default: S,pro]")
@@ -72,7 +76,8 @@ def main():
               help="Prefill chunk size (as mlx-lm's prefill_step_size).")
 @click.option("--bandwidth", type=float, help="Memory bandwidth in GB/s for the decode limit "
               "[default: measured copy bandwidth].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the synthetic weights and the random prompts.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
@@ -81,7 +86,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         seed, no_plots, no_progress, verbose):
     """Measure prefill, decode and memory; write results.json, report.md, plots."""
     def go():
-        import mlx.core as mx
+        from mobilemoe_mlx.planner import runtime_dtype
 
         from .run import run_benchmark
 
@@ -98,16 +103,15 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         _check(opts["routing_tokens"] >= 0,
                f"--routing-tokens must be 0 (skip) or more, not {opts['routing_tokens']}")
         _check(prefill_step >= 1, f"--prefill-step must be at least 1, not {prefill_step}")
-        _check(bandwidth is None or bandwidth > 0,
+        _check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
                f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
         _check_quant(bits, group_size)
-        metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
         s = Settings(
             prompt_lengths=_ints(opts["prompt_lengths"], "--prompt-lengths"),
             decode_contexts=_ints(opts["decode_contexts"], "--decode-contexts"),
             gen_tokens=opts["gen_tokens"], repeats=opts["repeats"], warmup=opts["warmup"],
             prompts=prompts, prefill_step=prefill_step, routing_tokens=opts["routing_tokens"],
-            dtype=dtype or ("float16" if metal else "float32"), bits=bits,
+            dtype=dtype or runtime_dtype(), bits=bits,
             group_size=group_size, seed=seed, bandwidth_gbps=bandwidth)
         names = [m.strip() for m in opts["models"].split(",") if m.strip()]
         if not names:
@@ -122,11 +126,11 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
     run_cli(go, verbose)
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.argument("run_dir", type=click.Path())
 @click.option("--compare", "other", type=click.Path(), help="A second run to put side by side.")
-@click.option("--no-plots", is_flag=True)
-@click.option("--verbose", is_flag=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def report(run_dir, other, no_plots, verbose):
     """Rebuild RUN_DIR/report.md (and plots) from RUN_DIR/results.json."""
     def go():
@@ -142,36 +146,53 @@ def report(run_dir, other, no_plots, verbose):
     run_cli(go, verbose)
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.option("--model", default="S", show_default=True,
               help="S, M, L, tiny, pro or a directory with a config.json.")
-@click.option("--context", type=int, default=8192, show_default=True)
+@click.option("--context", type=int, default=8192, show_default=True,
+              help="Tokens in the KV cache (at most the model's context).")
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,
-              help="KV cache bits (16: float16, unquantized).")
+              help="KV cache bits (16: unquantized, in --dtype).")
 @click.option("--bits", type=int, default=4, show_default=True,
               help="Weight bits (2, 3, 4, 5, 6 or 8).")
 @click.option("--group-size", type=int, default=32, show_default=True,
               help="Weight group size (32, 64 or 128).")
 @click.option("--budget-gb", type=float, multiple=True, help="Extra budgets to check.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Activation and KV dtype. [default: what runs here: float16 on Metal, "
+                   "float32 on CPU]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--verbose", is_flag=True)
-def plan(model, context, kv_bits, bits, group_size, budget_gb, as_json, verbose):
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
+def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, verbose):
     """Weights + KV cache + working memory against phone and Mac budgets."""
     def go():
         import json
 
-        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram
+        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram, runtime_dtype
         from mobilemoe_mlx.planner import plan as make_plan
 
         from .models import config_for
 
         _check(context >= 1, f"--context must be at least 1, not {context}")
         _check_quant(bits, group_size)
-        _check(all(b > 0 for b in budget_gb), "--budget-gb must be positive")
+        _check(all(math.isfinite(b) and b > 0 for b in budget_gb),
+               "--budget-gb must be a positive number of GB")
+        config = config_for(model)
+        longest = config.get("max_position_embeddings")
+        _check(not isinstance(longest, int) or context <= longest,
+               f"--context {context} is longer than {model}'s context of {longest} tokens: "
+               f"plan for {longest} or fewer")
         budgets = {**PHONE_BUDGETS, "this machine's RAM": machine_ram()}
         budgets.update({f"{b:g} GB": b * 1e9 for b in budget_gb})
-        p = make_plan(config_for(model), context, kv_bits=None if kv_bits == "16" else int(kv_bits),
-                      bits=bits, group_size=group_size, budgets=budgets)
+        p = make_plan(config, context, kv_bits=None if kv_bits == "16" else int(kv_bits),
+                      bits=bits, group_size=group_size, dtype=dtype or runtime_dtype(),
+                      budgets=budgets)
         click.echo(json.dumps(p, indent=1) if as_json else format_plan(model, p))
 
     run_cli(go, verbose)
+
+
+# The export commands of the Swift benchmark and parity test (ios/), in bench/export.py.
+from .export import register as _register_exports  # noqa: E402
+
+_register_exports(main)

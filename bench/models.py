@@ -182,9 +182,11 @@ def _not_router(path: str, module: nn.Module) -> bool:
 
 
 def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size: int = 32,
-                    seed: int = 0, config: Optional[dict] = None) -> Built:
+                    seed: int = 0, config: Optional[dict] = None, fuse: bool = False) -> Built:
     """A model at `name`'s exact shape (or `config`'s, e.g. a depth-reduced
-    preset) with random quantized weights.
+    preset) with random quantized weights. `fuse`: stack q/k/v and gate/up as
+    loading a converted directory does (what the benchmark runs); unfused, the
+    parameters keep the directory names (what the exporters write).
 
     Built lazily, quantized, then given fresh random packed weights and
     evaluated one layer at a time, so no float copy of the whole model ever
@@ -233,7 +235,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         elif path.endswith("feed_forward"):
             key, k1 = mx.random.split(key)
             m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
-    if hasattr(model, "fuse"):
+    if fuse and hasattr(model, "fuse"):
         model.fuse()  # what loading does to a converted directory (model.py)
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
@@ -316,7 +318,7 @@ def build(name: str, weights: Optional[str] = None, **kwargs) -> Built:
         built = load_checkpoint(weights)
         built.name = name
         return built
-    return build_synthetic(name, **kwargs)
+    return build_synthetic(name, fuse=True, **kwargs)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -12,11 +12,13 @@ from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.planner import human_bytes as hb
 from mobilemoe_mlx.planner import human_count
 
-from .schema import READABLE_VERSIONS, SCHEMA
+from .schema import READABLE_VERSIONS, SCHEMA, structure_problem
 
 PAPER = Path(__file__).parent / "paper_numbers.json"
 GB = 1e9
 PAPER_MOE = ("S", "M", "L")
+NO_MATPLOTLIB = ("matplotlib is not installed (`pip install matplotlib`, "
+                 "or `pip install -e .[plots]`)")
 
 
 def load_results(path) -> dict:
@@ -28,12 +30,25 @@ def load_results(path) -> dict:
         raise UserError(f"{p} does not exist; run `python -m bench run --out DIR` first")
     try:
         data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p} is not valid JSON ({e})") from e
-    if data.get("schema") != SCHEMA or data.get("schema_version") not in READABLE_VERSIONS:
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror}") from e
+    if (not isinstance(data, dict) or data.get("schema") != SCHEMA
+            or data.get("schema_version") not in READABLE_VERSIONS):
         raise UserError(f"{p} is not a results file of schema {SCHEMA} "
                         f"v{'/'.join(map(str, READABLE_VERSIONS))}")
+    problem = structure_problem(data)
+    if problem:
+        raise UserError(f"{p} does not have the structure of a results file ({problem}): "
+                        "rerun `python -m bench run` or repair it (see bench/schema.py)")
     return data
+
+
+def _directory(run) -> Path:
+    """The run directory of a run directory or of its results file (given by name)."""
+    p = Path(run)
+    return p.parent if p.is_file() else p
 
 
 def paper_numbers() -> dict:
@@ -93,9 +108,24 @@ def build_report(results: dict, plots=None) -> str:
     """The markdown report of one run. `plots`: the PNG paths; None when
     matplotlib is missing; "skipped" when plots were not asked for."""
     paper = paper_numbers()
-    m, s = results["machine"], results["settings"]
+    pairs = _pairs(results["models"])
     out = ["# MobileMoE benchmark report", ""]
-    out += [
+    out += _header(results)
+    out += _models_section(results, paper)
+    out += _prefill_section(results["models"], pairs, paper)
+    out += _decode_section(results["models"], pairs, paper)
+    out += _bandwidth_section(results)
+    out += _memory_section(results["models"], paper)
+    out += _routing_section(results["models"])
+    out += _plots_section(plots)
+    out += ["", f"Paper numbers from bench/paper_numbers.json: {paper['source']}. {paper['notes']}"]
+    return "\n".join(out) + "\n"
+
+
+def _header(results: dict) -> List[str]:
+    """Device, software, settings, and what kind of weights were measured."""
+    m, s = results["machine"], results["settings"]
+    out = [
         f"- Device: {m['chip']} ({m['machine']}), {m['memory_bytes'] / GB:.1f} GB RAM, {m['os']}",
         f"- MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, backend **{m['backend']}**; synthetic models: "
         f"activations {s['dtype']}, INT{s['bits']} group {s['group_size']} weights "
@@ -117,35 +147,38 @@ def build_report(results: dict, plots=None) -> str:
     if m["backend"] != "Metal":
         out += ["", "> **CPU backend.** MLX's CPU kernels are scalar and single-threaded: the "
                 "times below say nothing about an Apple device. Memory, bytes and FLOPs carry over."]
-    out += ["", "## Models", "",
-            "| model | activations, weights | params total / active | weights measured | "
-            "weights analytic | read per decode token | KV per token |",
-            "|---|---|---|---|---|---|---|"]
+    return out
+
+
+def _models_section(results: dict, paper: dict) -> List[str]:
+    out = ["", "## Models", "",
+           "| model | activations, weights | params total / active | weights measured | "
+           "weights analytic | read per decode token | KV per token |",
+           "|---|---|---|---|---|---|---|"]
     for x in results["models"]:
         a = x["analytic"]
         measured = x.get("memory", {}).get("weights_bytes")
         out.append(
-            f"| {x['label']} | {_storage(x, s)} | {human_count(a['params']['total'])} / "
-            f"{human_count(a['params']['active'])} | "
+            f"| {x['label']} | {_storage(x, results['settings'])} | "
+            f"{human_count(a['params']['total'])} / {human_count(a['params']['active'])} | "
             f"{hb(measured) if measured is not None else '-'} | "
             f"{hb(a['weight_bytes']['total'])} | "
             f"{hb(a['weight_bytes']['decode_read_per_token'])} | "
             f"{hb(a['kv_bytes_per_token'])} |")
-    pairs = _pairs(results["models"])
-    paper_moe = _paper_moe(pairs)
     h = paper["headline_speedup"]
-    out += ["", f"Paper headline (all settings, MobileMoE-S over MobileLLM-Pro): "
-            f"{h['prefill'][0]}-{h['prefill'][1]}x faster prefill, "
-            f"{h['decode'][0]}-{h['decode'][1]}x faster decode."]
+    return out + ["", f"Paper headline (all settings, MobileMoE-S over MobileLLM-Pro): "
+                  f"{h['prefill'][0]}-{h['prefill'][1]}x faster prefill, "
+                  f"{h['decode'][0]}-{h['decode'][1]}x faster decode."]
 
-    out += ["", "## Prefill (time to first token)", ""]
-    head = "| prompt | " + " | ".join(f"{x['label']} TTFT | tok/s" for x in results["models"])
+
+def _prefill_section(models: List[dict], pairs, paper: dict) -> List[str]:
+    out = ["", "## Prefill (time to first token)", ""]
+    head = "| prompt | " + " | ".join(f"{x['label']} TTFT | tok/s" for x in models)
     head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs) + " | paper (S vs Pro) |"
-    out += [head, "|" + "---|" * (2 + 2 * len(results["models"]) + len(pairs))]
-    lengths = sorted({e["prompt_tokens"] for x in results["models"] for e in x.get("prefill", [])})
-    for p in lengths:
+    out += [head, "|" + "---|" * (2 + 2 * len(models) + len(pairs))]
+    for p in sorted({e["prompt_tokens"] for x in models for e in x.get("prefill", [])}):
         row = [str(p)]
-        for x in results["models"]:
+        for x in models:
             e = _by(x.get("prefill", []), "prompt_tokens").get(p)
             row += [_secs(e["ttft_s"]), f"{e['tokens_per_s']['median']:.1f}"] if e else ["-", "-"]
         for a, b in pairs:
@@ -155,18 +188,21 @@ def build_report(results: dict, plots=None) -> str:
                        if ea and eb else "-")
         row.append(_paper_prefill(paper, p))
         out.append("| " + " | ".join(row) + " |")
+    return out
 
-    out += ["", "## Decode", "",
-            "Cache filled to the context first (untimed), then greedy tokens timed one by one. "
-            "`build` is host-side graph building per step (Python, before `mx.eval`).", ""]
-    head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms" for x in results["models"])
+
+def _decode_section(models: List[dict], pairs, paper: dict) -> List[str]:
+    paper_moe = _paper_moe(pairs)
+    out = ["", "## Decode", "",
+           "Cache filled to the context first (untimed), then greedy tokens timed one by one. "
+           "`build` is host-side graph building per step (Python, before `mx.eval`).", ""]
+    head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms" for x in models)
     head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs)
     head += "".join(f" | paper ({k} vs Pro)" for k in paper_moe) + " |"
-    out += [head, "|" + "---|" * (1 + 2 * len(results["models"]) + len(pairs) + len(paper_moe))]
-    contexts = sorted({e["context"] for x in results["models"] for e in x.get("decode", [])})
-    for c in contexts:
+    out += [head, "|" + "---|" * (1 + 2 * len(models) + len(pairs) + len(paper_moe))]
+    for c in sorted({e["context"] for x in models for e in x.get("decode", [])}):
         row = [str(c)]
-        for x in results["models"]:
+        for x in models:
             e = _by(x.get("decode", []), "context").get(c)
             row += ([_range(e["tokens_per_s"]), f"{e['graph_build_s']['median'] * 1e3:.2f}"]
                     if e else ["-", "-"])
@@ -177,85 +213,93 @@ def build_report(results: dict, plots=None) -> str:
                        if ea and eb else "-")
         row += [_paper_decode(paper, c, k) for k in paper_moe]
         out.append("| " + " | ".join(row) + " |")
-    if s.get("bandwidth_gbps"):
-        out += ["", f"Memory-bound decode limit at {s['bandwidth_gbps']:.1f} GB/s "
-                f"({s.get('bandwidth_source')}): bandwidth / (active weight bytes + KV bytes).", "",
-                "| model | context | limit tok/s | achieved | fraction |", "|---|---|---|---|---|"]
-        for x in results["models"]:
-            for e in x.get("decode", []):
-                if "bandwidth_bound_tokens_per_s" in e:
-                    out.append(f"| {x['label']} | {e['context']} | "
-                               f"{e['bandwidth_bound_tokens_per_s']:.1f} | "
-                               f"{e['tokens_per_s']['median']:.2f} | {e['fraction_of_bound']:.1%} |")
+    return out
 
-    out += ["", "## Memory", "",
-            "Peak = `mx.get_peak_memory()` within the phase (reset before it): weights + KV cache "
-            "+ temporaries (decode: the one cache being decoded). KV measured is the cache's "
-            "buffers, which mlx-lm allocates in 256-token steps, so it can exceed the analytic "
-            "KV (exact tokens) by up to 255 tokens per layer. RSS is the whole process.", "",
-            "| model | phase | setting | peak | KV measured | KV analytic | RSS |",
-            "|---|---|---|---|---|---|---|"]
 
-    def kv_analytic(e):
-        return hb(e["kv_cache_bytes_analytic"]) if "kv_cache_bytes_analytic" in e else "-"
-
-    def rss(e):
-        return hb(e["rss_bytes"]) if e.get("rss_bytes") else "-"
-
+def _bandwidth_section(results: dict) -> List[str]:
+    s = results["settings"]
+    if not s.get("bandwidth_gbps"):
+        return []
+    out = ["", f"Memory-bound decode limit at {s['bandwidth_gbps']:.1f} GB/s "
+           f"({s.get('bandwidth_source')}): bandwidth / (active weight bytes + KV bytes).", "",
+           "| model | context | limit tok/s | achieved | fraction |", "|---|---|---|---|---|"]
     for x in results["models"]:
+        for e in x.get("decode", []):
+            if "bandwidth_bound_tokens_per_s" in e:
+                out.append(f"| {x['label']} | {e['context']} | "
+                           f"{e['bandwidth_bound_tokens_per_s']:.1f} | "
+                           f"{e['tokens_per_s']['median']:.2f} | {e['fraction_of_bound']:.1%} |")
+    return out
+
+
+def _memory_section(models: List[dict], paper: dict) -> List[str]:
+    out = ["", "## Memory", "",
+           "Peak = `mx.get_peak_memory()` within the phase (reset before it): weights + KV cache "
+           "+ temporaries (decode: the one cache being decoded). KV measured is the cache's "
+           "buffers, which mlx-lm allocates in 256-token steps, so it can exceed the analytic "
+           "KV (exact tokens) by up to 255 tokens per layer. RSS is the whole process.", "",
+           "| model | phase | setting | peak | KV measured | KV analytic | RSS |",
+           "|---|---|---|---|---|---|---|"]
+
+    def row(x, phase, setting, e):
+        kv = hb(e["kv_cache_bytes_analytic"]) if "kv_cache_bytes_analytic" in e else "-"
+        rss = hb(e["rss_bytes"]) if e.get("rss_bytes") else "-"
+        return (f"| {x['label']} | {phase} | {setting} | {hb(e['peak_memory_bytes'])} | "
+                f"{hb(e['kv_cache_bytes'])} | {kv} | {rss} |")
+
+    for x in models:
         mem = x.get("memory", {})
         out.append(f"| {x['label']} | weights | resident | "
                    f"{hb(mem['weights_bytes']) if 'weights_bytes' in mem else '-'} | - | - | "
-                   f"{rss(mem)} |")
-        for e in x.get("prefill", []):
-            out.append(f"| {x['label']} | prefill | {e['prompt_tokens']} tokens | "
-                       f"{hb(e['peak_memory_bytes'])} | {hb(e['kv_cache_bytes'])} | "
-                       f"{kv_analytic(e)} | {rss(e)} |")
-        for e in x.get("decode", []):
-            out.append(f"| {x['label']} | decode | context {e['context_filled']} | "
-                       f"{hb(e['peak_memory_bytes'])} | {hb(e['kv_cache_bytes'])} | "
-                       f"{kv_analytic(e)} | {rss(e)} |")
+                   f"{hb(mem['rss_bytes']) if mem.get('rss_bytes') else '-'} |")
+        out += [row(x, "prefill", f"{e['prompt_tokens']} tokens", e) for e in x.get("prefill", [])]
+        out += [row(x, "decode", f"context {e['context_filled']}", e) for e in x.get("decode", [])]
     rss = "; ".join(f"{r['context']}: S {r['S']} GB vs Pro {r['pro']} GB"
                     for r in paper["peak_rss_gb"])
     w = paper["weights_gb"]
-    out += ["", f"Paper, for comparison: INT4 weights S {w['S']} GB, Pro {w['pro']} GB "
-            f"(ExecuTorch, one fp16 scale per group; MLX adds a bias per group); "
-            f"peak RSS on Galaxy S25 at context {rss}."]
+    return out + ["", f"Paper, for comparison: INT4 weights S {w['S']} GB, Pro {w['pro']} GB "
+                  f"(ExecuTorch, one fp16 scale per group; MLX adds a bias per group); "
+                  f"peak RSS on Galaxy S25 at context {rss}."]
 
-    routed = [x for x in results["models"] if x.get("routing")]
-    if routed:
-        out += ["", "## Expert routing: real against dummy prompts", "",
-                "Per layer, the number of distinct routed experts a prefill used, and how evenly "
-                "(normalised entropy of the load: 1 = even). `touched` is the routed-expert weight "
-                "a runtime that pages weights on use (mmap, as on phones) would bring in; MLX keeps "
-                "every expert resident, so its own peak barely moves.", "",
-                "| model | prompt | tokens | distinct experts/layer | evenness | touched | peak |",
-                "|---|---|---|---|---|---|---|"]
-        for x in routed:
-            r = x["routing"]
-            for kind, e in r["prompts"].items():
-                out.append(f"| {x['label']} | {kind} | {r['tokens']} | {e['mean_distinct']:.1f} | "
-                           f"{e['mean_entropy']:.2f} | {hb(e['touched_expert_bytes'])} | "
-                           f"{hb(e['peak_memory_bytes'])} |")
-            if "real_minus_repeat_peak_bytes" in r:
-                touched, peak = (r["real_minus_repeat_touched_bytes"],
-                                 r["real_minus_repeat_peak_bytes"])
-                out.append(f"| {x['label']} | real - repeat | | | | "
-                           f"{'+' if touched >= 0 else ''}{hb(touched)} | "
-                           f"{'+' if peak >= 0 else ''}{hb(peak)} |")
+
+def _routing_section(models: List[dict]) -> List[str]:
+    routed = [x for x in models if x.get("routing")]
+    if not routed:
+        return []
+    out = ["", "## Expert routing: real against dummy prompts", "",
+           "Per layer, the number of distinct routed experts a prefill used, and how evenly "
+           "(normalised entropy of the load: 1 = even). `touched` is the routed-expert weight "
+           "a runtime that pages weights on use (mmap, as on phones) would bring in; MLX keeps "
+           "every expert resident, so its own peak barely moves.", "",
+           "| model | prompt | tokens | distinct experts/layer | evenness | touched | peak |",
+           "|---|---|---|---|---|---|---|"]
+    for x in routed:
+        r = x["routing"]
+        for kind, e in r["prompts"].items():
+            out.append(f"| {x['label']} | {kind} | {r['tokens']} | {e['mean_distinct']:.1f} | "
+                       f"{e['mean_entropy']:.2f} | {hb(e['touched_expert_bytes'])} | "
+                       f"{hb(e['peak_memory_bytes'])} |")
+        if "real_minus_repeat_peak_bytes" in r:
+            touched, peak = r["real_minus_repeat_touched_bytes"], r["real_minus_repeat_peak_bytes"]
+            out.append(f"| {x['label']} | real - repeat | | | | "
+                       f"{'+' if touched >= 0 else ''}{hb(touched)} | "
+                       f"{'+' if peak >= 0 else ''}{hb(peak)} |")
+    return out
+
+
+def _plots_section(plots) -> List[str]:
     if plots == "skipped":
-        out += ["", "Plots skipped (--no-plots)."]
-    elif plots:
-        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    elif plots is not None:
-        out += ["", "(Plots skipped: matplotlib is not installed; `pip install matplotlib`, "
-                "or `pip install -e .[plots]`.)"]
-    out += ["", f"Paper numbers from bench/paper_numbers.json: {paper['source']}. {paper['notes']}"]
-    return "\n".join(out) + "\n"
+        return ["", "Plots skipped (--no-plots)."]
+    if plots is None:
+        return ["", f"(Plots skipped: {NO_MATPLOTLIB}.)"]
+    if not plots:
+        return ["", "(No plots: no phase was measured.)"]
+    return ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
 
 
 def make_plots(results: dict, out_dir) -> Optional[List[str]]:
-    """prefill.png, decode.png, memory.png; None when matplotlib is missing."""
+    """prefill.png, decode.png, memory.png, each only when its phase has measurements
+    (an interrupted run may have none); None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -275,12 +319,13 @@ def make_plots(results: dict, out_dir) -> Optional[List[str]]:
     ]
     backend = results["machine"]["backend"]
     for fname, phase, xkey, yfun, xlabel, ylabel in specs:
+        lines = [(x["label"], sorted(x.get(phase, []), key=lambda e: e[xkey]))
+                 for x in results["models"] if x.get(phase)]
+        if not lines:  # nothing to draw: no empty plot (and no legend warning)
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for x in results["models"]:
-            entries = sorted(x.get(phase, []), key=lambda e: e[xkey])
-            if entries:
-                ax.plot([e[xkey] for e in entries], [yfun(e) for e in entries], "o-",
-                        label=x["label"])
+        for label, entries in lines:
+            ax.plot([e[xkey] for e in entries], [yfun(e) for e in entries], "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -295,11 +340,14 @@ def make_plots(results: dict, out_dir) -> Optional[List[str]]:
     return files
 
 
-def write_report(run_dir, plots: bool = True) -> Path:
-    """Rebuild DIR/report.md (and the plots) from DIR/results.json."""
-    run_dir = Path(run_dir)
+def write_report(run_dir, plots: bool = True, log=None) -> Path:
+    """Rebuild DIR/report.md (and the plots) from DIR/results.json. `log` (a
+    print-like callable) hears when plots were asked for but could not be drawn."""
     results = load_results(run_dir)
+    run_dir = _directory(run_dir)
     files = make_plots(results, run_dir) if plots else "skipped"
+    if files is None and log is not None:
+        log(f"plots skipped: {NO_MATPLOTLIB}")
     path = run_dir / "report.md"
     path.write_text(build_report(results, files))
     return path
@@ -347,6 +395,6 @@ def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
 
 def write_comparison(dir_a, dir_b) -> Path:
     a, b = load_results(dir_a), load_results(dir_b)
-    path = Path(dir_a) / "compare.md"
+    path = _directory(dir_a) / "compare.md"
     path.write_text(build_comparison(a, b, str(dir_a), str(dir_b)))
     return path

@@ -13,6 +13,7 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.errors import UserError
 
+from .estimate import announce
 from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
 from .models import (
     build,
@@ -75,6 +76,7 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     every model entry measured so far (results.json says "interrupted"); the
     report is always written, with Ctrl-C ignored while it is."""
     out = Path(out_dir)
+    check_out_dir(out)
     replaced = validate_models(models, settings, weights)
     out.mkdir(parents=True, exist_ok=True)
     if settings.bandwidth_gbps is None:
@@ -89,43 +91,26 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
         "rss_peak_bytes": peak_rss_bytes(), "models": [],
     }
 
-    def save():
+    def save():  # a temporary file renamed over the last save: never half-written
         results["rss_peak_bytes"] = peak_rss_bytes()
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        part = out / "results.json.part"
+        part.write_text(json.dumps(results, indent=1))
+        part.replace(out / "results.json")
 
     save()
     m = results["machine"]
     log(f"{m['chip']}, {m['backend']} backend, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
         + ("  (CPU timings here are not Apple figures; memory, bytes and FLOPs are)"
            if m["backend"] != "Metal" else ""))
+    announce(_configs(models, weights, replaced), settings, m["backend"], log)
     bar = Progress(_work(settings, models), enabled=progress)
     try:
         for name in models:
             built = build(name, weights if name in replaced else None, dtype=settings.dtype,
                           bits=settings.bits, group_size=settings.group_size, seed=settings.seed)
-            q = built.quant
-            storage = describe_storage(q.bits, q.group_size, built.dtype)
-            if built.synthetic:
-                shape = ("tiny test shape, not a published one" if built.name.endswith("tiny")
-                         else "the published shape")
-                what = f"synthetic random weights at {shape} ({storage}), built in memory"
-            else:
-                what = f"weights from {built.source} ({storage}, read from the checkpoint"
-                what += (f"; --dtype {settings.dtype} ignored: a checkpoint runs in its own "
-                         "dtype)" if settings.dtype != built.dtype else ")")
-            log(("\n" if progress and bar.tty else "") + f"{built.label}: {what}")
-            record = {
-                "name": built.name, "label": built.label, "family": built.family,
-                "synthetic": built.synthetic, "source": built.source, "config": built.config,
-                "dtype": built.dtype,
-                "quant": {"bits": q.bits, "group_size": q.group_size if q.bits else None,
-                          "scale_dtype": q.scale_dtype if q.bits else None,
-                          "embedding_scale_dtype": (q.embedding_scale_dtype or q.scale_dtype)
-                          if q.bits else None, "dtype": q.dtype},
-                "analytic": analytic.summary(built.config, q, kv_dtype=built.dtype,
-                                             contexts=settings.decode_contexts,
-                                             prompt_lengths=settings.prompt_lengths),
-            }
+            log(("\n" if progress and bar.tty else "") + f"{built.label}: "
+                + _describe(built, settings))
+            record = _record(built, settings)
             results["models"].append(record)
             vocab = built.config["vocab_size"]
 
@@ -145,8 +130,59 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             if results["interrupted"]:
                 log("interrupted: keeping the results measured so far")
             log(f"writing {out / 'report.md'}")
-            write_report(out, plots=plots)
+            write_report(out, plots=plots, log=log)
     return results
+
+
+def _describe(built, s: Settings) -> str:
+    """What is measured: synthetic weights at which shape, or a checkpoint's, and how stored."""
+    q = built.quant
+    storage = describe_storage(q.bits, q.group_size, built.dtype)
+    if built.synthetic:
+        shape = ("tiny test shape, not a published one" if built.name.endswith("tiny")
+                 else "the published shape")
+        return f"synthetic random weights at {shape} ({storage}), built in memory"
+    what = f"weights from {built.source} ({storage}, read from the checkpoint"
+    return what + (f"; --dtype {s.dtype} ignored: a checkpoint runs in its own dtype)"
+                   if s.dtype != built.dtype else ")")
+
+
+def _record(built, s: Settings) -> dict:
+    """A model's entry in results.json before anything is measured (see schema.py)."""
+    q = built.quant
+    return {
+        "name": built.name, "label": built.label, "family": built.family,
+        "synthetic": built.synthetic, "source": built.source, "config": built.config,
+        "dtype": built.dtype,
+        "quant": {"bits": q.bits, "group_size": q.group_size if q.bits else None,
+                  "scale_dtype": q.scale_dtype if q.bits else None,
+                  "embedding_scale_dtype": (q.embedding_scale_dtype or q.scale_dtype)
+                  if q.bits else None, "dtype": q.dtype},
+        "analytic": analytic.summary(built.config, q, kv_dtype=built.dtype,
+                                     contexts=s.decode_contexts, prompt_lengths=s.prompt_lengths),
+    }
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a directory or a path to create one at, never an existing file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a directory: give a directory "
+                        "for results.json, report.md and the plots (it is made if missing)")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _configs(models: List[str], weights: Optional[str], replaced: List[str]) -> dict:
+    """The config of every model to run, by name, without building any."""
+    configs = {}
+    for name in models:
+        path = weights if name in replaced else name if is_checkpoint_name(name) else None
+        if path is None:
+            configs[name] = model_config(name)
+        else:
+            configs[name] = json.loads((Path(path).expanduser() / "config.json").read_text())
+    return configs
 
 
 def _work(s: Settings, models: List[str]) -> float:

@@ -92,3 +92,100 @@ def check(results: dict) -> list:
                 problems += [f"{m['name']} {phase}: bad stats"
                              for k in ("tokens_per_s",) if set(e.get(k, {})) != set(STATS_KEYS)]
     return problems
+
+
+# -- the structure `bench report` reads -------------------------------------------
+# A spec is a type (or tuple of types), a dict of key -> spec (keys that are
+# Maybe(...) may be absent), or a one-element list: a list of that spec.
+# Only what the report reads is required; extra keys are fine.
+
+class Maybe:
+    def __init__(self, spec):
+        self.spec = spec
+
+
+NUMBER = (int, float)
+NUMBER_OR_NULL = (int, float, type(None))
+STATS = {k: NUMBER for k in ("median", "min", "max")}
+_PHASE = {"peak_memory_bytes": NUMBER, "kv_cache_bytes": NUMBER,
+          "kv_cache_bytes_analytic": Maybe(NUMBER), "rss_bytes": Maybe(NUMBER_OR_NULL)}
+_PREFILL = {"prompt_tokens": int, "ttft_s": STATS, "tokens_per_s": STATS, **_PHASE}
+_DECODE = {"context": int, "context_filled": int, "tokens_per_s": STATS,
+           "graph_build_s": STATS, "bandwidth_bound_tokens_per_s": Maybe(NUMBER),
+           "fraction_of_bound": Maybe(NUMBER), **_PHASE}
+_ROUTING_PROMPT = {"mean_distinct": NUMBER, "mean_entropy": NUMBER,
+                   "touched_expert_bytes": NUMBER, "peak_memory_bytes": NUMBER}
+_MODEL = {
+    "name": str, "label": str, "family": str, "synthetic": bool,
+    "analytic": {"params": {"total": NUMBER, "active": NUMBER},
+                 "weight_bytes": {"total": NUMBER, "decode_read_per_token": NUMBER},
+                 "kv_bytes_per_token": NUMBER},
+    "memory": Maybe({"weights_bytes": Maybe(NUMBER), "rss_bytes": Maybe(NUMBER_OR_NULL)}), "prefill": Maybe([_PREFILL]), "decode": Maybe([_DECODE]),
+    "routing": Maybe({"tokens": int, "prompts": {str: _ROUTING_PROMPT}}),
+}
+REPORT_READS = {
+    "created": str,
+    "machine": {"chip": str, "machine": str, "memory_bytes": NUMBER, "os": str,
+                "mlx": str, "backend": str},
+    "settings": {"dtype": str, "bits": int, "group_size": int, "prompts": str,
+                 "prefill_step": int, "warmup": int, "repeats": int, "gen_tokens": int,
+                 "bandwidth_gbps": Maybe(NUMBER_OR_NULL)},
+    "rss_peak_bytes": Maybe(NUMBER_OR_NULL),
+    "models": [_MODEL],
+}
+_NAMES = {str: "a string", int: "an integer", NUMBER: "a number", bool: "true or false",
+          NUMBER_OR_NULL: "a number or null",
+          dict: "an object", list: "a list"}
+
+
+def structure_problem(value, spec=REPORT_READS, where: str = "the top level"):
+    """The first place where `value` does not have the structure of `spec`, as
+    "where: what was expected", or None when it has."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{where}: expected an object, found {_kind(value)}"
+        for key, sub in spec.items():
+            if key is str:  # a mapping of any names to `sub`
+                for name, item in value.items():
+                    if (problem := structure_problem(item, sub, f"{where}.{name}")):
+                        return problem
+                continue
+            if isinstance(sub, Maybe):
+                if key not in value:
+                    continue
+                sub = sub.spec
+            elif key not in value:
+                return f"{_at(where)}missing \"{key}\""
+            if (problem := structure_problem(value[key], sub, _join(where, key))):
+                return problem
+        return None
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"{where}: expected a list, found {_kind(value)}"
+        for i, item in enumerate(value):
+            if (problem := structure_problem(item, spec[0], f"{where}[{i}]")):
+                return problem
+        return None
+    if isinstance(value, bool) and spec is not bool:  # JSON true is not a number here
+        return f"{where}: expected {_NAMES.get(spec, spec)}, found {_kind(value)}"
+    if not isinstance(value, spec):
+        return f"{where}: expected {_NAMES.get(spec, spec)}, found {_kind(value)}"
+    return None
+
+
+def _join(where: str, key: str) -> str:
+    return key if where == "the top level" else f"{where}.{key}"
+
+
+def _at(where: str) -> str:
+    return "" if where == "the top level" else f"{where}: "
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    for t, name in ((bool, "true or false"), (str, "a string"), (int, "an integer"),
+                    (float, "a number"), (dict, "an object"), (list, "a list")):
+        if isinstance(value, t):
+            return name
+    return type(value).__name__

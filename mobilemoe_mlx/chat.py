@@ -27,6 +27,15 @@ from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 
+from .chat_options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: part of the API
+    MIN_KV_SIZE,
+    SEED_MAX,
+    Sampling,
+    check_options,
+    check_sampling,
+    check_seed,
+    kv_group_size,
+)
 from .errors import UserError
 from .routing import ExpertRecorder
 
@@ -54,7 +63,8 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
 
     model, tokenizer = load(source, revision=revision, lazy=True, progress=progress)
     # Weights are still on disk (lazy): this is the moment to warn.
-    warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits)
+    warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits,
+                           dtype=_activation_dtype(model))
     if warning and progress:
         print(f"warning: {warning}; expect swapping or a failed load", file=sys.stderr)
     if not raw and not tokenizer.has_chat_template:
@@ -73,16 +83,6 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     # about encoding more than model_max_length tokens would only be a stray stderr line.
     tokenizer._tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
-
-
-@dataclass
-class Sampling:
-    temp: float = 0.0  # greedy, as the model card decodes
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-    max_tokens: int = 1024
 
 
 @dataclass
@@ -167,7 +167,8 @@ class ChatSession:
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         check_options(draft_model is not None, max_kv_size, kv_bits, raw, system)
-        self.kv_group = _kv_group_size(model.args.head_dim, kv_bits)
+        check_sampling(sampling or Sampling())
+        self.kv_group = kv_group_size(model.args.head_dim, kv_bits)
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.raw = raw
         self.sampling = sampling or Sampling()
@@ -291,26 +292,50 @@ class ChatSession:
     # -- a turn --------------------------------------------------------------
     def ask(self, user: str, on_text: Callable[[str], None] = lambda s: None) -> Turn:
         """Answer `user`, streaming text to `on_text`; returns the answer and its numbers."""
-        from mlx_lm.generate import stream_generate
-
         turn = Turn()
         rendered, target = self._fit(user, turn)
-        room = self.context - len(target)
-        if room < 1:  # even with every earlier exchange dropped: /reset cannot help
-            turn.finish = "skipped"
-            system = (f" ({system_prompt_tokens(self.tokenizer, self.system)} of them the "
-                      "system prompt and the template)" if self.system and not self.raw else "")
-            turn.notes.append(
-                f"this message makes a {len(target)}-token prompt{system} and the context "
-                f"holds {self.context}: shorten it")
-            return turn
-        max_tokens = min(self.sampling.max_tokens, room)
+        if len(target) >= self.context:  # even with every earlier exchange dropped
+            return self._skip(turn, target)
+        max_tokens = min(self.sampling.max_tokens, self.context - len(target))
         had_history = bool(self.messages)
-
         keep = self._trim_cache_to(target)
         new = target[keep:]
         turn.prefilled = len(new)
-        fed, flags, response, hard_stop, stopped = [], [], None, False, False
+        run = self._generate(new, max_tokens, turn, on_text)
+        # A KeyboardInterrupt from here on is not our Ctrl-C handler's (it is quiet now),
+        # but a library caller's default handler: it must not leave the state half-updated.
+        saved = list(self.messages), self.history_text, self.history_tokens
+        try:
+            self._settle(turn, run, max_tokens, had_history, len(new))
+            if run.hard_stop:  # a second Ctrl-C: the cache may be mid-update
+                self.cache, self.cache_tokens = self._new_cache(), []
+            else:
+                self._sync_cache(self.cache_tokens[:keep] + new + run.fed)
+            if not self.raw and (turn.tokens or turn.finish != "interrupted"):
+                self._remember(user, rendered, target, turn, run.fed)
+        except KeyboardInterrupt:
+            self.messages, self.history_text, self.history_tokens = saved
+            self.cache, self.cache_tokens = self._new_cache(), []
+            turn.finish = "interrupted"
+        self.last = turn
+        return turn
+
+    def _skip(self, turn: Turn, target: List[int]) -> Turn:
+        """A message that cannot fit even alone: /reset cannot help, only a shorter one."""
+        turn.finish = "skipped"
+        system = (f" ({system_prompt_tokens(self.tokenizer, self.system)} of them the "
+                  "system prompt and the template)" if self.system and not self.raw else "")
+        turn.notes.append(f"this message makes a {len(target)}-token prompt{system} and the "
+                          f"context holds {self.context}: shorten it")
+        return turn
+
+    def _generate(self, new: List[int], max_tokens: int, turn: Turn,
+                  on_text: Callable[[str], None]) -> "_Generation":
+        """Feed `new` and stream the answer into `turn` until a stop, the length
+        limit or a Ctrl-C; the stream is closed (and mlx-lm's cleanup run) on return."""
+        from mlx_lm.generate import stream_generate
+
+        run = _Generation()
         self._stop_requested = False
         mx.reset_peak_memory()
         recording = self.expert_log.record() if self.expert_log else contextlib.nullcontext()
@@ -323,65 +348,53 @@ class ChatSession:
             with recording:
                 self._generating = True  # request_stop(now=True) may raise from here on
                 try:
-                    for response in stream:
-                        fed.append(response.token)
-                        flags.append(response.from_draft)
-                        if response.finish_reason != "stop":
-                            turn.tokens.append(response.token)
-                        turn.text += response.text
-                        on_text(response.text)
+                    for run.response in stream:
+                        run.fed.append(run.response.token)
+                        run.flags.append(run.response.from_draft)
+                        if run.response.finish_reason != "stop":
+                            turn.tokens.append(run.response.token)
+                        turn.text += run.response.text
+                        on_text(run.response.text)
                         if self._stop_requested:
                             break
                 except _Stop:
                     pass
                 finally:
                     self._generating = False  # ... up to here
-                    stopped = self._stop_requested  # a later Ctrl-C stops nothing
+                    run.stopped = self._stop_requested  # a later Ctrl-C stops nothing
                     stream.close()  # runs mlx-lm's cleanup (the speculative cache rewind) now
-        except KeyboardInterrupt:  # a second Ctrl-C: the cache may be mid-update
-            hard_stop = True
+        except KeyboardInterrupt:  # a second Ctrl-C
+            run.hard_stop = True
             self._generating = False
             stream.close()
-        # A KeyboardInterrupt from here on is not our Ctrl-C handler's (it is quiet now),
-        # but a library caller's default handler: it must not leave the state half-updated.
-        saved = list(self.messages), self.history_text, self.history_tokens
-        try:
-            # Tokens pass through a layer in order: the first len(new) rows are the prompt's.
-            # With --draft, rejected draft tokens count as answer.
-            experts = (list(zip(self.expert_log.distinct(len(new)), self.expert_log.distinct(0, len(new))))
-                       if self.expert_log else None)
+        return run
 
-            if response is not None:
-                turn.finish = response.finish_reason or "interrupted"
-                turn.generation_tokens = response.generation_tokens
-                turn.prompt_tps, turn.generation_tps = response.prompt_tps, response.generation_tps
-                turn.peak_memory_gb = response.peak_memory
-            else:
-                turn.finish = "interrupted"
-            if stopped or hard_stop:
-                turn.finish = "interrupted"
-            if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
-                turn.notes.append(
-                    f"the answer reached the end of the {self.context}-token context; "
-                    + ("/reset starts afresh" if had_history else
-                       "a shorter message" + (" or system prompt" if self.system else "")
-                       + " leaves more room"))
-            turn.experts = experts
-            if self.draft_model is not None:
-                turn.accepted, turn.drafted = draft_acceptance(flags, self.num_draft_tokens, max_tokens)
-
-            if hard_stop:
-                self.cache, self.cache_tokens = self._new_cache(), []
-            else:
-                self._sync_cache(self.cache_tokens[:keep] + new + fed)
-            if not self.raw and (turn.tokens or turn.finish != "interrupted"):
-                self._remember(user, rendered, target, turn, fed)
-        except KeyboardInterrupt:
-            self.messages, self.history_text, self.history_tokens = saved
-            self.cache, self.cache_tokens = self._new_cache(), []
+    def _settle(self, turn: Turn, run: "_Generation", max_tokens: int, had_history: bool,
+                prompt_tokens: int) -> None:
+        """The turn's numbers, finish reason and notes from a finished generation."""
+        if self.expert_log:
+            # Tokens pass through a layer in order: the first `prompt_tokens` rows are
+            # the prompt's. With --draft, rejected draft tokens count as answer.
+            turn.experts = list(zip(self.expert_log.distinct(prompt_tokens),
+                                    self.expert_log.distinct(0, prompt_tokens)))
+        response = run.response
+        turn.finish = "interrupted"
+        if response is not None:
+            turn.finish = response.finish_reason or "interrupted"
+            turn.generation_tokens = response.generation_tokens
+            turn.prompt_tps, turn.generation_tps = response.prompt_tps, response.generation_tps
+            turn.peak_memory_gb = response.peak_memory
+        if run.stopped or run.hard_stop:
             turn.finish = "interrupted"
-        self.last = turn
-        return turn
+        if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
+            turn.notes.append(
+                f"the answer reached the end of the {self.context}-token context; "
+                + ("/reset starts afresh" if had_history else
+                   "a shorter message" + (" or system prompt" if self.system else "")
+                   + " leaves more room"))
+        if self.draft_model is not None:
+            turn.accepted, turn.drafted = draft_acceptance(run.flags, self.num_draft_tokens,
+                                                           max_tokens)
 
     def _check_stop(self, processed: int, total: int) -> None:
         # Called by mlx-lm between prefill chunks, when the cache is consistent.
@@ -412,53 +425,50 @@ class ChatSession:
 
     def _trim_cache_to(self, target: List[int]) -> int:
         """Trim the cache to the prefix it shares with `target`; returns its length."""
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
         # At least one token must be fed for the model to produce the next one.
         keep = min(_common_prefix(self.cache_tokens, target), len(target) - 1)
         if keep < len(self.cache_tokens):
-            if can_trim_prompt_cache(self.cache):
-                for c in self.cache:
-                    c.trim(c.offset - keep)
-            else:  # a rotating cache that has wrapped around
-                self.cache, keep = self._new_cache(), 0
+            keep = self._cut_cache(keep)
             self.cache_tokens = self.cache_tokens[:keep]
         return keep
 
     def _sync_cache(self, known: List[int]) -> None:
         """Make `cache_tokens` what the caches hold: the first min(offset) of `known`."""
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
         offsets = [c.offset for c in self.cache]
         n = min(min(offsets), len(known))
         if any(o != n for o in offsets):
-            if can_trim_prompt_cache(self.cache):
-                for c in self.cache:
-                    c.trim(c.offset - n)
-            else:
-                self.cache, n = self._new_cache(), 0
+            n = self._cut_cache(n)
         self.cache_tokens = known[:n]
 
+    def _cut_cache(self, n: int) -> int:
+        """Trim every cache to its first `n` tokens, or start a new, empty one where
+        that cannot be done (a rotating cache that has wrapped around). Returns the
+        tokens the caches now hold."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
 
-def check_options(draft: bool, max_kv_size: Optional[int], kv_bits: Optional[int],
-                  raw: bool = False, system: Optional[str] = None) -> None:
-    """The option pairs that cannot work together: what mlx-lm's caches cannot
-    serve, and a system prompt where there is no template to put it in."""
-    if raw and system is not None:
-        raise UserError("--system has no effect with --raw (plain continuation has no "
-                        "system prompt): leave one of them out")
-    if draft and max_kv_size is not None:
-        raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
-    if kv_bits is not None and max_kv_size is not None:
-        raise UserError("mlx-lm has no quantized rotating cache: use --kv-bits or --max-kv-size")
+        if not can_trim_prompt_cache(self.cache):
+            self.cache = self._new_cache()
+            return 0
+        for c in self.cache:
+            c.trim(c.offset - n)
+        return n
 
 
-def _kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
-    if kv_bits is None:
-        return 64
-    if kv_bits not in (4, 8):  # click checks --kv-bits; this is for library callers
-        raise UserError(f"--kv-bits must be 4 or 8, not {kv_bits}")
-    for group in (64, 32):  # the group sizes MLX's quantized attention takes
-        if head_dim % group == 0:
-            return group
-    raise UserError(f"--kv-bits needs a head_dim divisible by 32; this model's is {head_dim}")
+@dataclass
+class _Generation:
+    """What one streamed answer left behind, for `ChatSession._settle`."""
+
+    fed: List[int] = field(default_factory=list)  # every token the model was fed back
+    flags: List[bool] = field(default_factory=list)  # from_draft, per token
+    response: object = None  # mlx-lm's last GenerationResponse
+    stopped: bool = False  # a first Ctrl-C (request_stop) ended it
+    hard_stop: bool = False  # a second Ctrl-C broke out of the generation
+
+
+def _activation_dtype(model) -> str:
+    """The dtype the model computes (and caches keys and values) in: its norms'."""
+    import mlx.nn as nn
+
+    norm = next((m for m in model.modules() if isinstance(m, nn.RMSNorm)), None)
+    dtype = norm.weight.dtype if norm is not None else mx.float32
+    return {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")

@@ -11,12 +11,15 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import List, Optional, TextIO
+from typing import List, Optional, TextIO, Tuple
 
 from .chat import ChatSession, Turn
 from .errors import UserError
 
 PROMPT = ">>> "
+# What read_line returns for a line a strict stream could not decode: a lone
+# surrogate, like the bytes a tolerant stream (surrogateescape) decodes to.
+UNREADABLE = "\udcff"
 HELP = """\
 /help            this list
 /reset           forget the conversation and empty the KV cache (the system prompt stays)
@@ -115,10 +118,10 @@ class Terminal:
     # -- input ---------------------------------------------------------------
     def read_line(self, prompt: str = PROMPT) -> Optional[str]:
         """The next line, without its newline; None at EOF."""
-        if not self.interactive:
-            line = self.stdin.readline()
-            return line.rstrip("\r\n") if line else None
         try:
+            if not self.interactive:
+                line = self.stdin.readline()
+                return line.rstrip("\r\n") if line else None
             if self.out.isatty():
                 return input(prompt)
             self.err.write(prompt)  # keep a redirected stdout to answers only
@@ -127,6 +130,8 @@ class Terminal:
         except EOFError:
             self.end_prompt_line()
             return None
+        except UnicodeDecodeError:  # a strict stream (chat() makes sys.stdin tolerant)
+            return UNREADABLE
 
     def end_prompt_line(self) -> None:
         """The newline after a prompt left by Ctrl-C or EOF, where the prompt went."""
@@ -174,7 +179,11 @@ class Terminal:
                 return
             if not line.strip():
                 continue
-            if line.startswith("/") and not line.startswith("//"):
+            command = line.startswith("/") and not line.startswith("//")
+            if not is_text(line):
+                self.unreadable(command)
+                continue
+            if command:
                 if not self.command(line):
                     return
                 continue
@@ -184,8 +193,18 @@ class Terminal:
                 self.end_prompt_line()
                 self.info("(message dropped)")
                 continue
-            if message:
+            if message and not is_text(message):
+                self.unreadable(False)
+            elif message:
                 self.answer(message)
+
+    def unreadable(self, command: bool) -> None:
+        """A line that is not UTF-8: say so and go on, keeping one stdout line per message."""
+        self.info("that line is not valid UTF-8 text: skipped (check the terminal's or the "
+                  "file's encoding); the session goes on")
+        if not command and not self.interactive:
+            self.out.write("\n")
+            self.out.flush()
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave."""
@@ -253,46 +272,21 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
     Input the user can fix raises UserError, as far as possible before anything is loaded."""
     import mlx.core as mx
 
-    from .chat import (
-        SIZES,
-        Sampling,
-        check_options,
-        check_system_fits,
-        load_chat_model,
-        model_source,
-    )
-    from .loading import check_source
+    from .chat import ChatSession, Sampling
 
-    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    check_options(draft is not None, max_kv_size, kv_bits, raw, system)  # before any download
-    if prompt is not None and not prompt.strip():
-        raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
-    if model.upper() in SIZES and variant == "base" and not raw:
-        raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
-                        "continue plain text, or chat with --variant qat or sft")
-    source = model_source(model, variant)
-    check_source(source, "--model")
-    if draft is not None:
-        draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
-        check_source(draft_source, "--draft")
+    sampling = Sampling(temp, top_p, top_k, min_p, repetition_penalty, max_tokens)
+    source, draft_source = _check_before_loading(model, variant, system, raw, sampling, seed,
+                                                 max_kv_size, kv_bits, draft, prompt)
     if seed is not None:
         mx.random.seed(seed)
-    main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision, kv_bits=kv_bits)
-    if not raw:  # before the draft model loads
-        check_system_fits(tokenizer, system, main_model.args.max_position_embeddings)
-    draft_model = None
-    if draft is not None:
-        draft_model, draft_tokenizer = load_chat_model(draft_source, raw=True)
-        if (draft_model.args.vocab_size != main_model.args.vocab_size
-                or draft_tokenizer.get_vocab() != tokenizer.get_vocab()):
-            raise UserError(f"--draft {draft} does not share {source}'s tokenizer; "
-                            "speculative decoding needs the same one")
+    main_model, tokenizer, draft_model = _load_models(source, draft, draft_source, raw, system,
+                                                      revision, kv_bits)
     session = ChatSession(
-        main_model, tokenizer, system=system, raw=raw,
-        sampling=Sampling(temp, top_p, top_k, min_p, repetition_penalty, max_tokens),
+        main_model, tokenizer, system=system, raw=raw, sampling=sampling,
         draft_model=draft_model, num_draft_tokens=num_draft_tokens,
         max_kv_size=max_kv_size, kv_bits=kv_bits)
-    terminal = Terminal(session, stdin, out, err)
+    stdin = stdin or _tolerant(sys.stdin)
+    terminal = Terminal(session, stdin, out or sys.stdout, err or sys.stderr)
     if prompt is not None:
         terminal.answer(prompt)
         return
@@ -300,3 +294,70 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
     terminal.run(
         f"{source} ({mode}, context {session.context} tokens"
         + (f", draft {draft}" if draft else "") + "). /help for commands, Ctrl-D to quit.")
+
+
+def _check_before_loading(model, variant, system, raw, sampling, seed, max_kv_size, kv_bits,
+                          draft, prompt) -> Tuple[str, Optional[str]]:
+    """Every check that needs no model, so a mistake costs no download or load.
+    Returns the model's source and the draft's (None without --draft)."""
+    from .chat import SIZES, model_source
+    from .chat_options import check_options, check_sampling, check_seed
+    from .loading import check_source
+
+    check_options(draft is not None, max_kv_size, kv_bits, raw, system)
+    check_sampling(sampling)
+    check_seed(seed)
+    for option, text in (("--prompt", prompt), ("--system", system)):
+        if text is not None and not is_text(text):
+            raise UserError(f"{option} is not valid UTF-8 text: check the terminal's or the "
+                            "shell's encoding")
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
+    if model.upper() in SIZES and variant == "base" and not raw:
+        raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
+                        "continue plain text, or chat with --variant qat or sft")
+    source = model_source(model, variant)
+    check_source(source, "--model")
+    draft_source = None
+    if draft is not None:
+        draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
+        check_source(draft_source, "--draft")
+    return source, draft_source
+
+
+def _load_models(source, draft, draft_source, raw, system, revision, kv_bits):
+    """(model, tokenizer, draft model or None), the system prompt checked against the
+    model's context before the draft model loads."""
+    from .chat import check_system_fits, load_chat_model
+
+    main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision, kv_bits=kv_bits)
+    if not raw:
+        check_system_fits(tokenizer, system, main_model.args.max_position_embeddings)
+    if draft is None:
+        return main_model, tokenizer, None
+    draft_model, draft_tokenizer = load_chat_model(draft_source, raw=True)
+    if (draft_model.args.vocab_size != main_model.args.vocab_size
+            or draft_tokenizer.get_vocab() != tokenizer.get_vocab()):
+        raise UserError(f"--draft {draft} does not share {source}'s tokenizer; "
+                        "speculative decoding needs the same one")
+    return main_model, tokenizer, draft_model
+
+
+def _tolerant(stream: TextIO) -> TextIO:
+    """`stream`, decoding bytes that are not UTF-8 to lone surrogates instead of raising
+    (and losing the rest of the read buffer): `Terminal` then skips just that line."""
+    try:
+        stream.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a TextIOWrapper, or already read
+        pass
+    return stream
+
+
+def is_text(text: str) -> bool:
+    """False for a string holding lone surrogates: bytes that were not valid UTF-8
+    (Python decodes command-line arguments and, here, stdin with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,22 +1,35 @@
 """Shared fixtures: tiny checkpoints in every released layout, each written and
 converted once per session, and the helpers the numerical tests share.
 
+Every fixture here is session-scoped and built only when a test asks for it:
+reuse them instead of writing or converting a model again. `tests/checkpoints.py`
+(which needs torch to write the released layouts) is imported on first use, so
+tests that need none of its checkpoints run without paying for torch's import.
+
 MLX runs on the CPU in float32 here (its CPU backend is slow; tiny shapes only).
 """
+
+from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
-# pytest puts this directory on sys.path (tests/ is not a package).
-import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
-import reference as ref
+
+if TYPE_CHECKING:  # pytest puts this directory on sys.path (tests/ is not a package)
+    import checkpoints as ck
 
 mx.set_default_device(mx.cpu)
+
+
+def _checkpoints():
+    import checkpoints
+
+    return checkpoints
 
 BATCH, SEQ = 2, 16
 
@@ -53,48 +66,70 @@ def _convert(tmp_path_factory, ckpt: ck.Checkpoint, name: str, **kwargs) -> Conv
 
 
 @pytest.fixture(scope="session")
-def tokens(tmp_path_factory) -> np.ndarray:
+def tokens() -> np.ndarray:
     """[BATCH, SEQ] token ids (the tokenizer's special ids included)."""
+    ck = _checkpoints()
     rng = np.random.default_rng(1234)
     t = rng.integers(0, ck.tiny_config()["vocab_size"], (BATCH, SEQ))
     t[:, 0] = ck.BOS
     return t
 
 
+# --- the synthetic tiny model (mobilemoe_mlx.synthetic: what users try first) ---
+
+@pytest.fixture(scope="session")
+def synthetic_qat(tmp_path_factory) -> Path:
+    """An unconverted tiny synthetic checkpoint in the released QAT layout."""
+    from mobilemoe_mlx.synthetic import write_synthetic
+
+    return Path(write_synthetic(str(tmp_path_factory.mktemp("synthetic") / "qat"), "tiny", "qat"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_tiny(tmp_path_factory, synthetic_qat) -> Path:
+    """`synthetic_qat` converted to float32 MLX weights (INT4 kept bit for bit).
+
+    Read-only: a test that changes the directory must copy it first."""
+    from mobilemoe_mlx.convert import convert
+
+    out = tmp_path_factory.mktemp("synthetic-converted") / "tiny"
+    return Path(convert(str(synthetic_qat), str(out), dtype="float32", progress=False))
+
+
 # --- checkpoints in the released layouts ---
 
 @pytest.fixture(scope="session")
 def qat_ckpt(tmp_path_factory) -> ck.Checkpoint:
-    return ck.write_qat(tmp_path_factory.mktemp("src") / "qat")
+    return _checkpoints().write_qat(tmp_path_factory.mktemp("src") / "qat")
 
 
 @pytest.fixture(scope="session")
 def bf16_ckpt(tmp_path_factory) -> ck.Checkpoint:
-    return ck.write_bf16(tmp_path_factory.mktemp("src") / "bf16")
+    return _checkpoints().write_bf16(tmp_path_factory.mktemp("src") / "bf16")
 
 
 @pytest.fixture(scope="session")
 def per_expert_ckpt(tmp_path_factory) -> ck.Checkpoint:
-    return ck.write_bf16_per_expert(tmp_path_factory.mktemp("src") / "per_expert")
+    return _checkpoints().write_bf16_per_expert(tmp_path_factory.mktemp("src") / "per_expert")
 
 
 @pytest.fixture(scope="session")
 def pickle_model_ckpt(tmp_path_factory) -> ck.Checkpoint:
     """{"model": {"module.<name>": ...}} in model.pt, converted from its directory."""
-    return ck.write_pickle(tmp_path_factory.mktemp("src") / "pt_model", "model", "module.",
+    return _checkpoints().write_pickle(tmp_path_factory.mktemp("src") / "pt_model", "model", "module.",
                            "model.pt")
 
 
 @pytest.fixture(scope="session")
 def pickle_state_dict_ckpt(tmp_path_factory) -> ck.Checkpoint:
     """{"state_dict": {"_orig_mod.module.<name>": ...}} in weights.pth, converted from the file."""
-    return ck.write_pickle(tmp_path_factory.mktemp("src") / "pt_sd", "state_dict",
+    return _checkpoints().write_pickle(tmp_path_factory.mktemp("src") / "pt_sd", "state_dict",
                            "_orig_mod.module.", "weights.pth", as_file=True)
 
 
 @pytest.fixture(scope="session")
 def sharded_ckpt(tmp_path_factory) -> ck.Checkpoint:
-    return ck.write_sharded(tmp_path_factory.mktemp("src") / "sharded")
+    return _checkpoints().write_sharded(tmp_path_factory.mktemp("src") / "sharded")
 
 
 # --- conversions, once each ---
@@ -142,6 +177,8 @@ def reference_logits():
     def get(ckpt: ck.Checkpoint, tokens: np.ndarray, variant=None) -> np.ndarray:
         key = (id(ckpt), tokens.tobytes(), tokens.shape, variant)
         if key not in cache:
+            import reference as ref
+
             gaps = []
             cache[key] = ref.forward(ckpt.weights, ckpt.config, tokens, variant, gaps)
             if variant is None:

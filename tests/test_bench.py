@@ -1,18 +1,26 @@
-"""The benchmark harness: analytic counts, measurements, results.json, report, CLI errors."""
+"""The benchmark harness: analytic counts, measurements, results.json, report, CLI errors.
 
+The CLI runs in this process through click's test runner; measurements use the
+tiny models and settings of a few tokens.
+"""
+
+import gc
 import json
 import os
 import signal
-import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from bench import harness, schema
+from bench.cli import main as bench_cli
+from bench.estimate import run_seconds
 from bench.harness import Settings
 from bench.models import build_synthetic, load_checkpoint, model_class, model_config, weight_bytes
 from bench.report import build_comparison, build_report, load_results, write_report
@@ -22,6 +30,7 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.planner import fits_warning, format_plan, plan
 
 ROOT = Path(__file__).resolve().parents[1]
+METAL = bool(getattr(mx, "metal", None) and mx.metal.is_available())
 
 
 def quick_settings(**kw):
@@ -34,9 +43,10 @@ def quick_settings(**kw):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
+    logs = []
     results = run_benchmark(["tiny", "pro-tiny"], quick_settings(), out, progress=False,
-                            plots=False, log=lambda m: None)
-    return out, results
+                            plots=False, log=logs.append)
+    return out, results, logs
 
 
 def _lazy_model(name):
@@ -125,27 +135,26 @@ def test_decode_peak_counts_one_kv_cache(tmp_path):
     # Context 1000 + 3 tokens stays inside mlx-lm's 1024-token buffer (no regrowth),
     # so the decode peak is weights + the one cache decoded + small temporaries;
     # a second copy of the cache alive during decode would add another kv.
+    # Arrays other tests left alive count in MLX's peak too: collect them, count the rest.
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
     s = quick_settings(prompt_lengths=[8], decode_contexts=[1000], repeats=1, warmup=0,
                        routing_tokens=0)
     r = run_benchmark(["tiny"], s, tmp_path, progress=False, plots=False, log=lambda m: None)
     m = r["models"][0]
     e = m["decode"][0]
     assert e["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 1024 * 4  # layers, K+V, kv heads, head_dim
-    extra = e["peak_memory_bytes"] - m["memory"]["weights_bytes"] - e["kv_cache_bytes"]
+    extra = e["peak_memory_bytes"] - m["memory"]["weights_bytes"] - e["kv_cache_bytes"] - before
     assert 0 < extra < e["kv_cache_bytes"] / 2
     assert e["kv_cache_bytes_analytic"] == analytic.kv_cache_bytes(m["config"], 1000, "float32")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny synthetic QAT checkpoint converted to float32 and to bfloat16."""
-    from mobilemoe_mlx.convert import convert
-    from mobilemoe_mlx.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("ckpt")
-    src = write_synthetic(str(root / "qat"))
-    return {dt: convert(str(src), str(root / dt), dtype=dt, progress=False)
-            for dt in ("float32", "bfloat16")}
+def checkpoints(qat_ckpt, qat_int4, converted):
+    """The session's tiny QAT checkpoint converted to float32 and to bfloat16 (conftest.py)."""
+    return {"float32": qat_int4.path,
+            "bfloat16": converted(qat_ckpt, "qat_int4_bfloat16", dtype="bfloat16").path}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -182,7 +191,7 @@ def test_peak_memory_resets_between_phases():
 
 
 def test_results_schema_and_measurements(quick_run):
-    out, results = quick_run
+    out, results, _ = quick_run
     saved = json.loads((out / "results.json").read_text())
     assert schema.check(saved) == []
     assert saved["interrupted"] is False and saved["machine"]["backend"] in ("CPU", "Metal")
@@ -205,16 +214,34 @@ def test_results_schema_and_measurements(quick_run):
 
 
 def test_report_and_plots_from_saved_json(quick_run, tmp_path):
-    out, _ = quick_run
+    out, _, _ = quick_run
     run_dir = tmp_path / "copy"
     run_dir.mkdir()
     (run_dir / "results.json").write_text((out / "results.json").read_text())
     pytest.importorskip("matplotlib")
     path = write_report(run_dir)
     text = path.read_text()
-    for section in ("## Prefill", "## Decode", "## Memory", "## Expert routing", "CPU backend"):
-        assert section in text or "Metal" in text
-    assert "MobileMoE-tiny vs MobileLLM-Pro (tiny)" in text
+    sections = {s.split("\n", 1)[0]: s for s in text.split("\n## ")[1:]}
+    assert list(sections)[:5] == ["Models", "Prefill (time to first token)", "Decode", "Memory",
+                                  "Expert routing: real against dummy prompts"]
+    models = ("MobileMoE-tiny", "MobileLLM-Pro (tiny)")
+    assert all(f"| {m} | float32, INT4 g32 |" in sections["Models"] for m in models)
+    prefill, decode = sections["Prefill (time to first token)"], sections["Decode"]
+    assert "MobileMoE-tiny vs MobileLLM-Pro (tiny)" in prefill
+    assert [r.split(" |")[0] for r in prefill.splitlines() if r[:3] in ("| 1", "| 3")] == \
+        ["| 16", "| 32"]
+    assert [r.split(" |")[0] for r in decode.splitlines() if r[:3] in ("| 1", "| 4")] == \
+        ["| 16", "| 40"]
+    for m in models:  # a weights row and one row per prefill length and decode context
+        rows = [r for r in sections["Memory"].splitlines() if r.startswith(f"| {m} |")]
+        assert [r.split(" | ")[1] for r in rows] == ["weights"] + ["prefill"] * 2 + ["decode"] * 2
+    routing = sections["Expert routing: real against dummy prompts"]
+    assert [r.split(" | ")[1] for r in routing.splitlines() if r.startswith("| MobileMoE")] == \
+        ["real", "random", "repeat", "real - repeat"]
+    assert "MobileLLM-Pro" not in routing  # dense: no routing
+    # The CPU warning stands before the tables exactly when the run was on the CPU.
+    backend = json.loads((run_dir / "results.json").read_text())["machine"]["backend"]
+    assert ("**CPU backend.**" in text.split("## Models")[0]) == (backend != "Metal")
     for png in ("prefill.png", "decode.png", "memory.png"):
         assert (run_dir / png).stat().st_size > 1000
     r = load_results(run_dir)
@@ -269,22 +296,28 @@ def test_planner():
 
 
 def test_planner_bounds_a_measured_prefill():
-    # The last 2047-token chunk of a 4096-token prefill attends over 4095 keys: its
+    # The last 1023-token chunk of a 2048-token prefill attends over 2047 keys: its
     # attention scores (chunk x context per head) dominate the measured peak.
     from mlx_lm.models.cache import make_prompt_cache
 
     built = build_synthetic("tiny", dtype="float32")
     cache = make_prompt_cache(built.model)
     harness.start_phase()
-    harness.prefill(built.model, prompt_tokens("real", 4096, 512), cache, step=2048)
+    harness.prefill(built.model, prompt_tokens("real", 2048, 512), cache, step=1024)
     peak = mx.get_peak_memory()
-    p = plan(built.config, 4096, dtype="float32", chunk=2048, budgets={})
+    p = plan(built.config, 2048, dtype="float32", chunk=1024, budgets={})
     assert p["total_bytes"] >= peak > 0.5 * p["total_bytes"]
 
 
-def _bench(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+def _bench(*args):
+    """`python -m bench ARGS` in this process: click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(bench_cli, [str(a) for a in args])
+
+
+def _one_line_error(r, says: str) -> None:
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -299,31 +332,182 @@ def _bench(*args, cwd=ROOT):
     (["run", "--routing-tokens", "-5"], "--routing-tokens"),
     (["run", "--group-size", "48"], "--group-size must be one of 32, 64, 128"),
     (["run", "--bandwidth", "-3"], "--bandwidth"),
+    (["run", "--bandwidth", "nan"], "--bandwidth"),
     (["run", "--gen-tokens", "0"], "--gen-tokens"),
+    (["run", "--decode-contexts", "0"], "--decode-contexts needs positive integers"),
     (["plan", "--model", "tiny", "--group-size", "48"], "--group-size"),
+    (["plan", "--model", "tiny", "--context", "0"], "--context must be at least 1"),
+    (["plan", "--model", "tiny", "--budget-gb", "nan"], "--budget-gb"),
+    # Longer than the model's own context (max_position_embeddings: 8192).
+    (["plan", "--model", "S", "--context", "8193"], "longer than S's context of 8192 tokens"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
-    r = _bench(*[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(tmp_path / "o")) \
-        if args[0] == "run" else _bench(*[a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = _bench(*args, *(["--out", tmp_path / "o"] if args[0] == "run" else []))
+    _one_line_error(r, message)
     assert not (tmp_path / "o").exists()  # nothing written before the check
+
+
+def test_run_out_an_existing_file_is_refused(tmp_path):
+    (tmp_path / "results").write_text("mine")
+    for out in (tmp_path / "results", tmp_path / "results" / "sub"):
+        _one_line_error(_bench("run", "--quick", "--out", out), f"--out {out}")
+    assert (tmp_path / "results").read_text() == "mine"
+
+
+def _valid_results(quick_run) -> dict:
+    return json.loads((quick_run[0] / "results.json").read_text())
+
+
+def _break(path: str, value):
+    """A change to a results dict: set the value at a dotted path (None: delete it)."""
+    def apply(results):
+        *head, last = path.split(".")
+        node = results
+        for key in head:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value is None:
+            del node[key]
+        else:
+            node[key] = value
+        return results
+    return apply
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda r: [r], "is not a results file"),
+    (lambda r: "text", "is not a results file"),
+    (_break("machine", None), 'missing "machine"'),
+    (_break("machine", [1, 2]), "machine: expected an object, found a list"),
+    (_break("models", "x"), "models: expected a list, found a string"),
+    (_break("models.0", 7), "models[0]: expected an object, found an integer"),
+    (_break("models.0.prefill.0.ttft_s.median", "fast"),
+     "models[0].prefill[0].ttft_s.median: expected a number, found a string"),
+    (_break("models.1.decode.0.context", None), 'models[1].decode[0]: missing "context"'),
+    (_break("settings.bits", "4"), "settings.bits: expected an integer, found a string"),
+    (_break("models.0.routing.prompts.real.mean_distinct", None),
+     'models[0].routing.prompts.real: missing "mean_distinct"'),
+])
+def test_report_of_a_results_file_of_the_wrong_structure(quick_run, tmp_path, change, says):
+    (tmp_path / "results.json").write_text(json.dumps(change(_valid_results(quick_run))))
+    _one_line_error(_bench("report", tmp_path), says)
+    assert not (tmp_path / "report.md").exists()
+    _one_line_error(_bench("report", quick_run[0], "--compare", tmp_path), says)
 
 
 def test_cli_plan_and_report(quick_run):
     r = _bench("plan", "--model", "L", "--context", "8192", "--kv-bits", "8")
-    assert r.returncode == 0 and "phone app, 3 GB" in r.stdout and "DOES NOT FIT" in r.stdout
-    out, _ = quick_run
-    r = _bench("report", str(out), "--no-plots", "--compare", str(out))
-    assert r.returncode == 0 and (out / "compare.md").exists()
+    assert r.exit_code == 0 and "phone app, 3 GB" in r.stdout and "DOES NOT FIT" in r.stdout
+    out, _, _ = quick_run
+    r = _bench("report", out, "--no-plots", "--compare", out)
+    assert r.exit_code == 0 and (out / "compare.md").exists()
     before = (out / "report.md").stat().st_mtime_ns
-    r = _bench("report", str(out), "--compare", str(out / "missing"))
-    assert r.returncode == 2 and (out / "report.md").stat().st_mtime_ns == before
+    r = _bench("report", out, "--compare", out / "missing")
+    assert r.exit_code == 2 and (out / "report.md").stat().st_mtime_ns == before
+    r = _bench("report", out / "results.json", "--no-plots")  # the file, not its directory
+    assert r.exit_code == 0 and f"wrote {out / 'report.md'}" in r.stdout
+
+
+def test_plan_uses_the_dtype_that_runs_here():
+    # MLX's CPU backend runs models (and their KV cache) in float32, Metal in float16.
+    here = "float16" if METAL and mx.default_device() == mx.gpu else "float32"
+    r = _bench("plan", "--model", "S", "--context", "1024", "--json")
+    p = json.loads(r.stdout)
+    assert p["dtype"] == here
+    assert p["kv_cache_bytes"] == analytic.kv_cache_bytes(model_config("S"), 1024, here)
+    r = _bench("plan", "--model", "S", "--context", "1024", "--json", "--dtype", "float16")
+    assert json.loads(r.stdout)["kv_cache_bytes"] == analytic.kv_cache_bytes(
+        model_config("S"), 1024, "float16")
+
+
+def test_every_command_takes_h_and_every_option_has_help():
+    assert _bench("-h").exit_code == 0
+    for name, command in bench_cli.commands.items():
+        r = _bench(name, "-h")
+        assert r.exit_code == 0 and "--help" in r.stdout, name
+        for option in command.params:
+            if isinstance(option, type(command.params[0])) and option.param_type_name == "option":
+                assert option.help, f"bench {name} {option.opts[0]} has no help"
+
+
+def test_run_warns_before_starting_when_it_will_take_hours(tmp_path):
+    """The default settings (published shapes, contexts up to 8192) take hours on a CPU:
+    said before the first model is built, not by a progress bar's ETA later."""
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def log(message):
+        seen.append(message)
+        if message.startswith("warning: these settings") or (
+                METAL and message.startswith("estimated time")):
+            raise Stop  # stop the run here: it would take hours
+
+    with pytest.raises(Stop):
+        run_benchmark(["S", "pro"], Settings(dtype="float32", bandwidth_gbps=100.0), tmp_path,
+                      progress=False, plots=False, log=log)
+    # Said before any model was built or measured.
+    assert json.loads((tmp_path / "results.json").read_text())["models"] == []
+    assert not any(m.startswith(("MobileMoE-S", "MobileLLM-Pro")) for m in seen)
+    assert len([m for m in seen if m.startswith("estimated time: about")]) == 1
+    if not METAL:  # on MLX's CPU backend: hours, and what shortens the run
+        assert "hours" in seen[-2] and "--quick" in seen[-1] and "--repeats" in seen[-1]
+
+
+def test_run_time_estimate_follows_the_work():
+    s = Settings(dtype="float32", bandwidth_gbps=100.0)
+    configs = {"S": model_config("S")}
+    full = run_seconds(configs, s, 1e9)
+    # Prefill FLOPs of every prompt, (warm-up + repeats) times, at 1 GFLOP/s, at least.
+    prefill = 6 * sum(analytic.prefill_flops(configs["S"], p) for p in s.prompt_lengths) / 1e9
+    assert prefill < full < 3 * prefill
+    assert run_seconds(configs, s, 2e9) == pytest.approx(full / 2, rel=0.01)
+    shorter = Settings(dtype="float32", bandwidth_gbps=100.0, repeats=1)
+    assert run_seconds(configs, shorter, 1e9) < full / 2
+
+
+def test_quick_run_estimates_minutes_at_most(quick_run):
+    logs = quick_run[2]
+    assert any(m.startswith("estimated time: under a minute") for m in logs)
+    assert not any("will take hours" in m for m in logs)
+
+
+def test_without_matplotlib_the_run_says_plots_were_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    logs = []
+    s = quick_settings(prompt_lengths=[8], decode_contexts=[8], repeats=1, warmup=0,
+                       routing_tokens=0)
+    run_benchmark(["tiny"], s, tmp_path, progress=False, plots=True, log=logs.append)
+    assert [m for m in logs if m.startswith("plots skipped")] == [
+        "plots skipped: matplotlib is not installed (`pip install matplotlib`, "
+        "or `pip install -e .[plots]`)"]
+    assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("stop_at, pngs", [("MobileMoE-tiny", []),
+                                           ("MobileLLM-Pro", ["decode", "memory", "prefill"])])
+def test_an_interrupted_run_writes_no_empty_plots_and_no_warnings(tmp_path, capfd, stop_at,
+                                                                   pngs):
+    pytest.importorskip("matplotlib")
+    s = quick_settings(prompt_lengths=[8], decode_contexts=[8], repeats=1, warmup=0,
+                       routing_tokens=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            run_benchmark(["tiny", "pro-tiny"], s, tmp_path, progress=False, plots=True,
+                          log=_sigint_on(stop_at, []))
+    assert [str(w.message) for w in caught] == []
+    assert "Warning" not in capfd.readouterr().err
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == pngs
+    report = (tmp_path / "report.md").read_text()
+    assert ("No plots: no phase was measured" in report) == (not pngs)
 
 
 def test_report_units_and_paper_numbers(quick_run, tmp_path):
-    out, _ = quick_run
+    out, _, _ = quick_run
     results = load_results(out)
     text = build_report(results, "skipped")
     assert "(--no-plots)" in text and "matplotlib" not in text
@@ -338,7 +522,7 @@ def test_report_units_and_paper_numbers(quick_run, tmp_path):
 
 
 def test_compare_pairs_models_by_name(quick_run):
-    out, _ = quick_run
+    out, _, _ = quick_run
     a = load_results(out)
     b = json.loads(json.dumps(a))
     b["models"][0]["label"] = "tiny-ckpt (checkpoint)"  # as a --weights run labels it
@@ -349,7 +533,7 @@ def test_compare_pairs_models_by_name(quick_run):
 
 
 def test_results_keep_run_level_rss_and_own_keys(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     assert results["rss_peak_bytes"] > 0
     assert all("rss_peak_bytes" not in m["memory"] for m in results["models"])
     for m in results["models"]:

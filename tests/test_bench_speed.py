@@ -19,12 +19,12 @@ from bench.tokens import prompt_tokens
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_synthetic("tiny", seed=2)
+    return build_synthetic("tiny", seed=2, fuse=True)
 
 
 @pytest.fixture(scope="module")
 def peer():
-    return build_synthetic("glm4-tiny", seed=2)
+    return build_synthetic("glm4-tiny", seed=2, fuse=True)
 
 
 def filled(built, n=20):

@@ -1,12 +1,16 @@
 """chat.py and its session on tiny synthetic checkpoints (float32, MLX's CPU backend).
 
 The session tests count the tokens that actually reach the model through a thin
-proxy around it; the CLI tests run chat.py in a subprocess, one of them on a
-pseudo-terminal with a real Ctrl-C.
+proxy around it; where a test needs to know the answer's text it fixes it with a
+sampler that always picks one token, not by what random weights happen to say.
+The CLI tests run chat.py in this process (click's test runner); the few that
+need a real process (piped stdin end to end, a pseudo-terminal with a real
+Ctrl-C) are marked e2e.
 """
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -14,29 +18,40 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from click.testing import CliRunner
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mobilemoe_mlx.chat import ChatSession, Sampling, draft_acceptance, load_chat_model
 from mobilemoe_mlx.chat_commands import Terminal
-from mobilemoe_mlx.convert import convert
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.synthetic import write_synthetic, write_tokenizer
+from mobilemoe_mlx.synthetic import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FRANCE = "What is the capital of France?"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # but newline and tab
 
 
+def _chat_cli():
+    """chat.py's click command, imported from the file (it is a script, not a module)."""
+    spec = spec_from_file_location("chat_script", ROOT / "chat.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+CHAT = _chat_cli()
+
+
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    """The tiny checkpoint converted once, and variants of it made by hand."""
+def dirs(tmp_path_factory, qat_int4):
+    """The session's tiny converted checkpoint (conftest.py), and variants of it made by hand."""
     root = tmp_path_factory.mktemp("chat")
-    unconverted = Path(write_synthetic(str(root / "qat")))
-    tiny = Path(convert(str(unconverted), str(root / "tiny"), dtype="float32"))
+    tiny = qat_int4.path
     raw = root / "no-template"
     shutil.copytree(tiny, raw)
     write_tokenizer(raw, 512, with_chat_template=False)
@@ -44,8 +59,9 @@ def dirs(tmp_path_factory):
     shutil.copytree(tiny, no_tokenizer)
     for f in no_tokenizer.glob("tokenizer*"):
         f.unlink()
-    return {"tiny": tiny, "unconverted": unconverted, "raw": raw, "no_tokenizer": no_tokenizer,
-            "kv": _with_head_dim_32(tiny, root / "head-dim-32"), "home": root / "home"}
+    return {"tiny": tiny, "unconverted": qat_int4.source.path, "raw": raw,
+            "no_tokenizer": no_tokenizer, "kv": _with_head_dim_32(tiny, root / "head-dim-32"),
+            "home": root / "home"}
 
 
 def _lines(text: str):
@@ -103,6 +119,14 @@ def _session(loaded, **kwargs):
     return ChatSession(counting, tokenizer, **kwargs), counting, tokenizer
 
 
+def _always(session, text: str):
+    """Make every answer `text` repeated, whatever the random weights would say: mlx-lm's
+    sampler is replaced by one that always picks `text`'s single token."""
+    (token,) = session.tokenizer.encode(text, add_special_tokens=False)
+    session._sampler = lambda logprobs: mx.full((logprobs.shape[0],), token, dtype=mx.uint32)
+    return session
+
+
 class Tty(io.StringIO):
     """An output stream that says it is a terminal."""
 
@@ -130,12 +154,6 @@ class SigintAfterAnswer(TokenizerWrapper):
 
 def _encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def _run(dirs, *args, stdin="", timeout=120):
-    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 # -- the session -------------------------------------------------------------------
@@ -191,13 +209,14 @@ def test_reset_clears_the_cache_and_the_conversation(loaded):
 
 def test_system_command_changes_the_system_prompt(loaded):
     session, counting, tok = _session(loaded, system="You are terse.")
+    _always(session, "a")
     out, err = io.StringIO(), io.StringIO()
     terminal = Terminal(session, io.StringIO("Hello\n/system Answer in French.\n/system\n"
                                              f"{FRANCE}\n"), out, err)
     terminal.run()
     assert session.system == "Answer in French."
     assert "system prompt: 'Answer in French.'" in err.getvalue()
-    assert len(_lines(out.getvalue())) >= 2
+    assert out.getvalue() == "a" * 20 + "\n" + "a" * 20 + "\n"  # two answers, nothing else
     # The second turn re-read the conversation from the new system prompt on.
     second = session.last
     fed_prompt = counting.fed[len(counting.fed) - second.prefilled - len(second.tokens):][
@@ -274,19 +293,21 @@ def test_stats_reports_what_a_rotating_cache_keeps(loaded):
 def test_control_characters_are_shown_as_question_marks_on_a_terminal_only(loaded):
     outputs = []
     for out in (io.StringIO(), Tty()):
-        session, _, _ = _session(loaded, sampling=Sampling(max_tokens=12))
+        session, _, _ = _session(loaded, sampling=Sampling(max_tokens=3))
+        _always(session, "\x1b")  # ESC: the start of every terminal escape sequence
         Terminal(session, io.StringIO(), out, io.StringIO()).answer("Hi")
         outputs.append(out.getvalue())
     piped, shown = outputs
-    assert CONTROL.search(piped)  # the random model's answer to "Hi" holds \x0f
-    assert shown == CONTROL.sub("?", piped)
+    assert piped == "\x1b\x1b\x1b\n"  # a pipe gets the text as generated
+    assert shown == "???\n"
 
 
 def test_ctrl_c_after_the_answer_keeps_the_session(loaded):
     """Ctrl-C twice while the cache and the conversation are being brought up to date."""
     model, tokenizer = loaded
     # In the chat: the second press arrives when no token is being generated any more.
-    session = ChatSession(model, SigintAfterAnswer(tokenizer, 2), sampling=Sampling(max_tokens=6))
+    session = _always(ChatSession(model, SigintAfterAnswer(tokenizer, 2),
+                                  sampling=Sampling(max_tokens=6)), "a")
     terminal = Terminal(session, io.StringIO(), io.StringIO(), io.StringIO())
     try:
         first = terminal.answer("Hello")
@@ -300,8 +321,8 @@ def test_ctrl_c_after_the_answer_keeps_the_session(loaded):
     # A library caller with Python's own handler: ask() returns, the state consistent.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        session = ChatSession(model, SigintAfterAnswer(tokenizer, 1),
-                              sampling=Sampling(max_tokens=6))
+        session = _always(ChatSession(model, SigintAfterAnswer(tokenizer, 1),
+                                      sampling=Sampling(max_tokens=6)), "a")
         turn = session.ask("Hello")
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C after the answer came out of ask()")
@@ -339,36 +360,40 @@ def test_kv_bits_needs_heads_quantization_can_take(loaded):
         ChatSession(*loaded, kv_bits=3)
 
 
-# -- the command line --------------------------------------------------------------
+# -- the command line, in-process --------------------------------------------------
 
-def test_piped_two_turn_conversation(dirs):
-    r = _run(dirs, "--model", str(dirs["tiny"]), "--max-tokens", "12",
-             stdin=f"Hello\n{FRANCE}\n/stats\n")
-    assert r.returncode == 0, r.stderr
-    assert len(_lines(r.stdout)) == 2  # two answers, nothing else on stdout
-    stats = [line for line in r.stderr.splitlines() if "tok/s" in line]
-    assert len(stats) == 3 and stats[0].startswith("12 tokens")  # two answers + /stats
-    assert "distinct routed experts per layer" in r.stderr
-    assert "\x1b[" not in r.stderr  # no colour codes into a pipe
+@pytest.fixture
+def chat(dirs, monkeypatch):
+    """chat(*args, stdin=...) -> click's Result of chat.py run in this process."""
+    monkeypatch.setenv("MOBILEMOE_MLX_HOME", str(dirs["home"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*args, stdin=""):
+        return CliRunner().invoke(CHAT, [str(a) for a in args], input=stdin)
+
+    return run
 
 
-def test_prompt_answers_once_and_exits(dirs):
-    r = _run(dirs, "--model", str(dirs["tiny"]), "--max-tokens", "8", "--prompt", "Hello",
+def test_prompt_answers_once_and_exits(dirs, chat):
+    r = chat("--model", dirs["tiny"], "--max-tokens", "8", "--prompt", "Hello",
              "--system", "Be brief.", "--temp", "0.7", "--top-p", "0.9", "--top-k", "50",
              "--min-p", "0.05", "--repetition-penalty", "1.15", "--seed", "3",
              stdin="not read\n")
-    assert r.returncode == 0, r.stderr
-    assert len(_lines(r.stdout)) == 1 and "8 tokens" in r.stderr
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.endswith("\n") and "not read" not in r.stdout
+    stats = [line for line in r.stderr.splitlines() if "tok/s" in line]
+    assert len(stats) == 1 and re.match(r"\d+ tokens, prompt \d+ tok", stats[0])
 
 
-def test_raw_mode_on_a_checkpoint_without_chat_template(dirs):
-    r = _run(dirs, "--model", str(dirs["raw"]), "--prompt", "The quick brown")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+def test_raw_mode_on_a_checkpoint_without_chat_template(dirs, chat):
+    r = chat("--model", dirs["raw"], "--prompt", "The quick brown")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "no chat template" in r.stderr and "--raw" in r.stderr
-    r = _run(dirs, "--model", str(dirs["raw"]), "--raw", "--max-tokens", "6",
+    r = chat("--model", dirs["raw"], "--raw", "--max-tokens", "6",
              stdin="The quick brown\nA mixture of experts\n")
-    assert r.returncode == 0, r.stderr
-    assert len(_lines(r.stdout)) == 2 and r.stderr.count("6 tokens") == 2
+    assert r.exit_code == 0, r.stderr
+    # Raw continuation has no stop token in the template: both run to --max-tokens.
+    assert r.stderr.count("6 tokens, prompt") == 2
 
 
 ERRORS = {  # case: (arguments, what the one line says)
@@ -386,35 +411,139 @@ ERRORS = {  # case: (arguments, what the one line says)
                                "neither a directory nor a weights file"),
     "bad --draft path": (["--model", "{unconverted}", "--draft", "{home}/no-draft"],
                          "--draft {home}/no-draft is neither an existing path"),
+    # Sampling options that pass a range check but cannot be sampled with (issue 7).
+    "nan --temp": (["--model", "{unconverted}", "--temp", "nan"], "'nan' is not a finite"),
+    "inf --temp": (["--model", "{unconverted}", "--temp", "inf"], "--temp"),
+    "nan --top-p": (["--model", "{unconverted}", "--top-p", "nan"], "--top-p"),
+    "nan --min-p": (["--model", "{unconverted}", "--min-p", "nan"], "--min-p"),
+    "nan --repetition-penalty": (["--model", "{unconverted}", "--repetition-penalty", "nan"],
+                                 "--repetition-penalty"),
+    "inf --repetition-penalty": (["--model", "{unconverted}", "--repetition-penalty", "inf"],
+                                 "--repetition-penalty"),
+    # mx.random.seed takes 0 .. 2**64-1; anything else was an internal error.
+    "negative --seed": (["--model", "{unconverted}", "--seed", "-1"], "--seed"),
+    "--seed of 2**64": (["--model", "{unconverted}", "--seed", str(2**64)], "--seed"),
+    "zero --max-kv-size": (["--model", "{unconverted}", "--max-kv-size", "0"], "--max-kv-size"),
+    "negative --max-kv-size": (["--model", "{unconverted}", "--max-kv-size", "-5"],
+                               "--max-kv-size"),
+    "--prompt not UTF-8": (["--model", "{unconverted}", "--prompt", "caf\udce9"],
+                           "--prompt is not valid UTF-8"),
 }
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_errors_are_one_line_and_exit_2(dirs, case):
+def test_errors_are_one_line_and_exit_2(dirs, chat, case):
     args, says = ERRORS[case]
     args = [a.format(**dirs) for a in args]
-    r = _run(dirs, *args, *([] if "--prompt" in args else ["--prompt", "Hello"]))
-    assert r.returncode == 2
+    r = chat(*args, *([] if "--prompt" in args else ["--prompt", "Hello"]))
+    assert r.exit_code == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert says.format(**dirs) in r.stderr and r.stdout == ""
+    # All of them are refused before anything is loaded or converted.
+    assert not dirs["home"].exists() or not any(dirs["home"].rglob("*.safetensors"))
 
 
-def test_draft_reports_acceptance(dirs):
-    r = _run(dirs, "--model", str(dirs["tiny"]), "--draft", str(dirs["tiny"]),
-             "--num-draft-tokens", "3", "--max-tokens", "17", "--prompt", "Hello")
-    assert r.returncode == 0, r.stderr
-    # 4 rounds of 3 drafts and one token of the model's own, then 1 draft for the 17th.
-    assert "draft accepted 13/13 (100%)" in r.stderr
+def test_the_largest_seed_is_taken(dirs, chat):
+    r = chat("--model", dirs["tiny"], "--seed", str(2**64 - 1), "--temp", "1",
+             "--max-tokens", "2", "--prompt", "Hello")
+    assert r.exit_code == 0, r.stderr
 
 
-def test_kv_bits_8_runs(dirs):
-    r = _run(dirs, "--model", str(dirs["kv"]), "--kv-bits", "8", "--max-tokens", "10",
+def test_library_callers_get_the_same_checks(loaded):
+    for sampling, says in ((Sampling(temp=math.nan), "--temp must be a finite number"),
+                           (Sampling(min_p=math.inf), "--min-p must be a finite number"),
+                           (Sampling(top_p=1.5), "--top-p"),
+                           (Sampling(repetition_penalty=0.0), "--repetition-penalty")):
+        with pytest.raises(UserError, match=says):
+            ChatSession(*loaded, sampling=sampling)
+    with pytest.raises(UserError, match="--max-kv-size must be at least 8"):
+        ChatSession(*loaded, max_kv_size=0)
+
+
+NOT_UTF8 = b"Hello\n\xff\xfe bad\n/system caf\xe9\n\"\"\"two\n\xc3(\"\"\"\nHi\n"
+
+
+def test_lines_that_are_not_utf8_are_skipped_with_a_note(dirs, chat):
+    r = chat("--model", dirs["tiny"], "--max-tokens", "3", stdin=NOT_UTF8)
+    assert r.exit_code == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "not valid UTF-8" in line]
+    assert len(notes) == 3 and "internal error" not in r.stderr
+    assert r.stderr.count("3 tokens, prompt") == 2  # the session went on after them
+
+
+def test_a_line_that_is_not_utf8_keeps_one_stdout_line_per_message(loaded):
+    session, _, _ = _session(loaded, sampling=Sampling(max_tokens=3))
+    _always(session, "a")
+    stdin = io.TextIOWrapper(io.BytesIO(NOT_UTF8), encoding="utf-8", errors="surrogateescape")
+    out, err = io.StringIO(), io.StringIO()
+    Terminal(session, stdin, out, err).run()
+    # An empty line for each message skipped (the two below), none for /system.
+    assert out.getvalue() == "aaa\n\n\naaa\n"
+    assert err.getvalue().count("not valid UTF-8") == 3 and session.system is None
+
+
+def test_a_strict_stream_that_cannot_decode_a_line_is_skipped_too(loaded):
+    session, _, _ = _session(loaded, sampling=Sampling(max_tokens=2))
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\n"), encoding="utf-8", errors="strict")
+    out, err = io.StringIO(), io.StringIO()
+    Terminal(session, stdin, out, err).run()
+    assert "not valid UTF-8" in err.getvalue() and out.getvalue() == "\n"
+
+
+def test_every_option_has_help_and_h_works(chat):
+    r = chat("-h")
+    assert r.exit_code == 0 and "--max-kv-size" in r.stdout
+    for option in CHAT.params:
+        assert option.help and "\n" not in option.help.strip(), option.name
+
+
+def test_draft_reports_acceptance(dirs, chat):
+    r = chat("--model", dirs["tiny"], "--draft", dirs["tiny"], "--num-draft-tokens", "3",
+             "--max-tokens", "17", "--prompt", "Hello")
+    assert r.exit_code == 0, r.stderr
+    # 4 rounds of 3 drafts and one token of the model's own, then 1 draft for the 17th
+    # (the tiny model does not stop on its own within 17 tokens).
+    assert "17 tokens" in r.stderr and "draft accepted 13/13 (100%)" in r.stderr
+
+
+def test_kv_bits_8_runs(dirs, chat):
+    r = chat("--model", dirs["kv"], "--kv-bits", "8", "--max-tokens", "10",
+             stdin=f"Hello\n{FRANCE}\n/stats\n")
+    assert r.exit_code == 0, r.stderr
+    assert len([line for line in r.stderr.splitlines() if "tok/s" in line]) == 3
+    assert "8-bit" in r.stderr
+
+
+# -- the command line in a real process: piped stdin, signals, a pseudo-terminal ----
+
+def _run(dirs, *args, stdin="", timeout=120):
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _expected_stdout(loaded, messages, max_tokens: int) -> str:
+    """What chat.py must print for `messages`: each greedy answer of the same model,
+    computed here, ending with a newline."""
+    session = ChatSession(*loaded, sampling=Sampling(max_tokens=max_tokens))
+    texts = [session.ask(m).text for m in messages]
+    return "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+
+
+@pytest.mark.e2e
+def test_piped_two_turn_conversation(dirs, loaded):
+    r = _run(dirs, "--model", str(dirs["tiny"]), "--max-tokens", "12",
              stdin=f"Hello\n{FRANCE}\n/stats\n")
     assert r.returncode == 0, r.stderr
-    assert len(_lines(r.stdout)) == 2 and "8-bit" in r.stderr
+    assert r.stdout == _expected_stdout(loaded, ["Hello", FRANCE], 12)  # answers only
+    stats = [line for line in r.stderr.splitlines() if "tok/s" in line]
+    assert len(stats) == 3  # two answers + /stats
+    assert "distinct routed experts per layer" in r.stderr
+    assert "\x1b[" not in r.stderr  # no colour codes into a pipe
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(dirs):
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1",
@@ -442,7 +571,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(dirs):
     assert child.exitstatus == 0
 
 
-def test_typed_input_with_stdout_redirected_keeps_stdout_to_answers(dirs, tmp_path):
+@pytest.mark.e2e
+def test_typed_input_with_stdout_redirected_keeps_stdout_to_answers(dirs, loaded, tmp_path):
     """Prompts, and the newlines after Ctrl-C or Ctrl-D at them, go to the terminal;
     Ctrl-C at the "... " of a multi-line message drops the message."""
     pexpect = pytest.importorskip("pexpect")
@@ -476,5 +606,28 @@ def test_typed_input_with_stdout_redirected_keeps_stdout_to_answers(dirs, tmp_pa
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
-    text = answers.read_text(encoding="utf-8", errors="replace")
-    assert text.count("\n") == 2 and "\n\n" not in text and ">>>" not in text, repr(text)
+    text = answers.read_text(encoding="utf-8")
+    assert text == _expected_stdout(loaded, ["Hello", "Two\nlines"], 3), repr(text)
+
+
+@pytest.mark.e2e
+def test_typed_bytes_that_are_not_utf8_get_a_note_and_the_session_goes_on(dirs):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, MOBILEMOE_MLX_HOME=str(dirs["home"]), HF_HUB_OFFLINE="1",
+               TERM="dumb")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(dirs["tiny"]),
+                                           "--max-tokens", "3"], env=env, cwd=str(ROOT),
+                          timeout=60)
+    try:
+        child.expect_exact(b">>> ")
+        child.send(b"caf\xe9 \xff\r")  # Latin-1 bytes typed into a UTF-8 session
+        assert child.expect([b"not valid UTF-8", b"internal error", pexpect.EOF]) == 0
+        child.expect_exact(b">>> ")
+        child.sendline(b"Hello")
+        child.expect_exact(b"3 tokens")
+        child.expect_exact(b">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

@@ -132,7 +132,7 @@ def test_bench_models_fuse_bit_identically(family, tokens):
     """A model quantized in memory (as the bench builds them), MoE and dense."""
     from bench.models import build_synthetic
 
-    built = build_synthetic("tiny" if family == "moe" else "pro-tiny", seed=3)
+    built = build_synthetic("tiny" if family == "moe" else "pro-tiny", seed=3, fuse=True)
     fused = built.model
     assert fused_state(fused) == (True, True)
     module = moe if family == "moe" else dense

@@ -1,6 +1,6 @@
 """mlx-lm itself runs a converted directory: its loader (through the
 `model_file` copied beside the weights, with trust_remote_code), its KV-cached
-generation loop and its console command."""
+generation loop, its quantizer and (end-to-end tier) its console command."""
 
 import os
 import subprocess
@@ -12,15 +12,28 @@ import mlx_lm
 import numpy as np
 import pytest
 import reference as ref
+from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import load as mlx_lm_load
+
+import mobilemoe_mlx
 
 COS_EXACT, REL_EXACT = 0.99999, 1e-4
 NEW_TOKENS = 4
+# A text prompt whose greedy continuation on the test checkpoint is varied (not
+# one token repeated), so a wrong cache or sampling step shows in the tokens.
+TEXT_PROMPT = "def fib(n):\n    return"
+TEXT_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def loaded(qat_int4):
     return mlx_lm_load(str(qat_int4.path), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def ours(qat_int4):
+    """The same directory through our own loader."""
+    return mobilemoe_mlx.load(str(qat_int4.path))
 
 
 def test_mlx_lm_loads_the_directory_and_matches_the_reference(loaded, qat_int4, tokens,
@@ -36,6 +49,14 @@ def test_mlx_lm_loads_the_directory_and_matches_the_reference(loaded, qat_int4, 
     print(f"\n[mlx_lm.load qat->int4] cosine={cos:.9f} rel_err={rel:.3e}")
     assert cos >= COS_EXACT and rel <= REL_EXACT
     assert set(tokenizer.eos_token_ids) >= set(qat_int4.source.config["eos_token_id"])
+
+
+def test_mlx_lm_load_and_our_load_give_the_same_logits(loaded, ours, tokens):
+    # Same weights, same model source (the directory's copy is ours): the same numbers.
+    theirs = loaded[0](mx.array(tokens))
+    mine = ours[0](mx.array(tokens))
+    mx.eval(theirs, mine)
+    np.testing.assert_array_equal(np.array(theirs), np.array(mine))
 
 
 def reference_greedy(ckpt, prompt, n):
@@ -61,12 +82,55 @@ def test_mlx_lm_greedy_generation_matches_the_reference(loaded, qat_int4, tokens
     assert got == want
 
 
-def test_mlx_lm_generate_with_a_text_prompt(loaded):
+def greedy_without_cache(model, prompt, n):
+    """Argmax of a full forward pass over the whole sequence at every step (no KV
+    cache, no sampler): what mlx-lm's cached greedy loop must reproduce."""
+    seq, margins = list(prompt), []
+    for _ in range(n):
+        last = np.array(model(mx.array([seq]))[0, -1])
+        top2 = np.sort(last)[-2:]
+        margins.append(top2[1] - top2[0])
+        seq.append(int(np.argmax(last)))
+    return seq[len(prompt):], margins
+
+
+def test_mlx_lm_generate_text_is_our_models_greedy_continuation(loaded, ours):
     model, tokenizer = loaded
-    text = mlx_lm.generate(model, tokenizer, "Hello", max_tokens=3)
-    assert isinstance(text, str)
+    prompt = tokenizer.encode(TEXT_PROMPT)
+    want, margins = greedy_without_cache(ours[0], prompt, TEXT_TOKENS)
+    assert min(margins) > 1e-3, "greedy choice near a tie: pick another prompt"
+    assert len(set(want)) > 2, "a degenerate continuation would not test the loop"
+    got = [r.token for r in mlx_lm.stream_generate(model, tokenizer, TEXT_PROMPT,
+                                                   max_tokens=TEXT_TOKENS)]
+    assert got == want
+    # generate() (greedy by default) returns those tokens' text; mlx-lm's streaming
+    # detokenizer drops a leading space of the first token, decode() keeps it.
+    text = mlx_lm.generate(model, tokenizer, TEXT_PROMPT, max_tokens=TEXT_TOKENS)
+    assert text.lstrip(" ") == tokenizer.decode(want).lstrip(" ")
 
 
+def test_mlx_lm_convert_keeps_the_router_float32_and_unquantized(bf16_dense, tmp_path):
+    # mlx-lm's own quantizer, run on an unquantized float32 directory, must honour
+    # the model's quant_predicate and cast_predicate like it does for its own MoEs.
+    out = tmp_path / "requantized"
+    mlx_lm_convert(str(bf16_dense.path), str(out), quantize=True, q_group_size=32,
+                   dtype="bfloat16", trust_remote_code=True)
+    weights = {}
+    for f in out.glob("model*.safetensors"):
+        weights.update(mx.load(str(f)))
+    routers = [k for k in weights if ".router." in k]
+    assert routers and all(k.endswith("router.weight") for k in routers), routers
+    assert all(weights[k].dtype == mx.float32 for k in routers)
+    biases = [k for k in weights if k.endswith("expert_bias")]
+    assert biases and all(weights[k].dtype == mx.float32 for k in biases)
+    assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.bfloat16
+    # the experts were quantized too (a predicate that skipped them would keep them dense)
+    experts = "model.layers.0.feed_forward.experts."
+    assert {experts + "gate_up_proj.scales", experts + "down_proj.scales"} <= set(weights)
+    assert weights[experts + "gate_up_proj.weight"].dtype == mx.uint32
+
+
+@pytest.mark.e2e
 def test_mlx_lm_generate_console_command(qat_int4):
     exe = Path(sys.executable).parent / "mlx_lm.generate"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_lm.generate"]
@@ -77,25 +141,4 @@ def test_mlx_lm_generate_console_command(qat_int4):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Generation:" in result.stdout, result.stdout
-
-
-def test_mlx_lm_convert_keeps_the_router_float32_and_unquantized(bf16_dense, tmp_path):
-    # mlx-lm's own quantizer, run on an unquantized float32 directory, must honour
-    # the model's quant_predicate and cast_predicate like it does for its own MoEs.
-    out = tmp_path / "requantized"
-    result = subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(bf16_dense.path),
-         "--mlx-path", str(out), "-q", "--q-group-size", "32", "--dtype", "bfloat16",
-         "--trust-remote-code"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    weights = {}
-    for f in out.glob("model*.safetensors"):
-        weights.update(mx.load(str(f)))
-    routers = [k for k in weights if ".router." in k]
-    assert routers and all(k.endswith("router.weight") for k in routers), routers
-    assert all(weights[k].dtype == mx.float32 for k in routers)
-    biases = [k for k in weights if k.endswith("expert_bias")]
-    assert biases and all(weights[k].dtype == mx.float32 for k in biases)
-    assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.bfloat16
+    assert "Generation: 3 tokens" in result.stdout, result.stdout

@@ -1,4 +1,6 @@
-"""mlx-lm's OpenAI-compatible server runs a converted directory (loopback only)."""
+"""mlx-lm's OpenAI-compatible server runs a converted directory (loopback only).
+
+End-to-end tier: a real server process (`python -m pytest -m e2e`)."""
 
 import json
 import socket
@@ -7,8 +9,9 @@ import sys
 import time
 import urllib.request
 
-from mobilemoe_mlx import convert
-from mobilemoe_mlx.synthetic import write_synthetic
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 
 def free_port() -> int:
@@ -17,9 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_answers_a_chat_completion(tmp_path):
-    src = write_synthetic(str(tmp_path / "ckpt"), "tiny", "qat")
-    model = convert(str(src), str(tmp_path / "mlx"), dtype="float32", progress=False)
+def test_server_answers_a_chat_completion(synthetic_tiny):
+    model = synthetic_tiny
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
@@ -41,8 +43,10 @@ def test_server_answers_a_chat_completion(tmp_path):
                 assert server.poll() is None, server.stderr.read()
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.5)
+        # the synthetic model never emits a stop token, so it answers exactly max_tokens
         assert answer["usage"]["completion_tokens"] == 4
         assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert answer["choices"][0]["finish_reason"] == "length"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -1,0 +1,14 @@
+// The iOS benchmark app: one screen (ContentView). Build it as an Xcode iOS app
+// target that links the MobileMoEBench library of ../Package.swift; see
+// ../README.md ("iPhone") for the steps, the Info.plist and the entitlement.
+
+import SwiftUI
+
+@main
+struct MobileMoEBenchApp: App {
+    var body: some Scene {
+        WindowGroup {
+            ContentView()
+        }
+    }
+}

@@ -1,0 +1,73 @@
+"""Chat settings and the checks on them that need no model: sampling values,
+the seed, and the option pairs mlx-lm's caches cannot serve. chat.py's click
+options check the same ranges; these are the checks for library callers and the
+one place the limits are written down."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import UserError
+
+SEED_MAX = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens: fewer leaves nothing to rotate
+
+
+@dataclass
+class Sampling:
+    temp: float = 0.0  # greedy, as the model card decodes
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    max_tokens: int = 1024
+
+
+def check_options(draft: bool, max_kv_size: Optional[int], kv_bits: Optional[int],
+                  raw: bool = False, system: Optional[str] = None) -> None:
+    """The option pairs that cannot work together: what mlx-lm's caches cannot
+    serve, and a system prompt where there is no template to put it in."""
+    if raw and system is not None:
+        raise UserError("--system has no effect with --raw (plain continuation has no "
+                        "system prompt): leave one of them out")
+    if draft and max_kv_size is not None:
+        raise UserError("--draft needs a cache it can rewind: leave out --max-kv-size")
+    if kv_bits is not None and max_kv_size is not None:
+        raise UserError("mlx-lm has no quantized rotating cache: use --kv-bits or --max-kv-size")
+    if max_kv_size is not None and max_kv_size < MIN_KV_SIZE:  # click checks the CLI
+        raise UserError(f"--max-kv-size must be at least {MIN_KV_SIZE} tokens (the rotating "
+                        f"cache always keeps the first 4), not {max_kv_size}")
+
+
+def check_sampling(s: Sampling) -> None:
+    """Sampling settings mlx-lm would take without a word but cannot sample with:
+    NaN or infinite values (which pass any range check), and out-of-range ones.
+    chat.py's options check the same; this is for library callers."""
+    floats = {"--temp": s.temp, "--top-p": s.top_p, "--min-p": s.min_p,
+              "--repetition-penalty": s.repetition_penalty}
+    for option, value in floats.items():
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{option} must be a finite number, not {value}")
+    if s.temp < 0 or not 0 <= s.top_p <= 1 or not 0 <= s.min_p <= 1:
+        raise UserError("--temp must be 0 or more, --top-p and --min-p between 0 and 1")
+    if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty must be above 0, not {s.repetition_penalty}")
+    if s.top_k < 0 or s.max_tokens < 1:
+        raise UserError("--top-k must be 0 or more and --max-tokens at least 1")
+
+
+def check_seed(seed: Optional[int]) -> None:
+    """mx.random.seed takes an unsigned 64-bit integer; anything else is a TypeError there."""
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be between 0 and 2**64-1, not {seed}")
+
+
+def kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
+    if kv_bits is None:
+        return 64
+    if kv_bits not in (4, 8):  # click checks --kv-bits; this is for library callers
+        raise UserError(f"--kv-bits must be 4 or 8, not {kv_bits}")
+    for group in (64, 32):  # the group sizes MLX's quantized attention takes
+        if head_dim % group == 0:
+            return group
+    raise UserError(f"--kv-bits needs a head_dim divisible by 32; this model's is {head_dim}")
