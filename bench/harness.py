@@ -10,15 +10,14 @@ whose logits give the first generated token (TTFT = all of that).
 Decode first fills a cache to the requested context the same way (untimed),
 keeps a copy of it in host memory (NumPy, outside MLX's memory accounting),
 and for every repeat generates `gen_tokens` greedy tokens from a fresh MLX copy
-of it in the loop users run: mlx-lm's generate_step, where step i+1 is built
-and queued (`mx.async_eval`) before token i is read, so tokens/s is what chat
-and `mlx_lm.generate` report. The host time to build each step's graph is
+of it in the loop users run (bench/steps.py: mlx-lm's generate_step, where
+step i+1 is built and queued before token i is read), so tokens/s is what
+chat and `mlx_lm.generate` report. The host time to build each step's graph is
 timed inside that loop, and once more with nothing else running, when the
 step's graph is also counted (operations per decode step).
 """
 
 import copy
-import io
 import os
 import platform
 import resource
@@ -33,12 +32,13 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 from mobilemoe_mlx.routing import ExpertRecorder
+
+from .steps import decode, probe_step  # noqa: F401 - decode is public here too
 
 
 @dataclass
@@ -180,63 +180,6 @@ def prefill(model: nn.Module, tokens: mx.array, cache, step: int) -> mx.array:
     y = mx.argmax(logits[:, -1, :], axis=-1)
     mx.eval(y)
     return y
-
-
-def _step(model: nn.Module, y: mx.array, cache):
-    """One greedy decode step as mlx-lm's generate_step builds it: the model,
-    the last position's log-probabilities, their argmax. `y` is [1]."""
-    logits = model(y[None], cache=cache)[:, -1, :]
-    logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    return mx.argmax(logprobs, axis=-1), logprobs
-
-
-def decode(model: nn.Module, y: mx.array, cache, n: int):
-    """Generate `n` greedy tokens after `y` with the loop users run (mlx-lm's
-    generate_step, which chat and mlx_lm.generate use): the graph of step i+1
-    is built and handed to `mx.async_eval` before token i is read, so the host
-    builds while the device computes. Returns (seconds for the n tokens,
-    per-step host graph-building seconds, the tokens)."""
-    builds, tokens = [], []
-    with mx.stream(generation_stream):
-        t0 = time.perf_counter()
-        nxt = _step(model, y, cache)
-        builds.append(time.perf_counter() - t0)
-        mx.async_eval(nxt)
-        for i in range(n):
-            current = nxt
-            if i + 1 < n:
-                tb = time.perf_counter()
-                nxt = _step(model, current[0], cache)
-                builds.append(time.perf_counter() - tb)
-                mx.async_eval(nxt)
-            tokens.append(current[0].item())  # the token, as a user's loop reads it
-        total = time.perf_counter() - t0
-    return total, builds, tokens
-
-
-def graph_nodes(*arrays: mx.array) -> int:
-    """Operations (primitives) in the not yet evaluated graph behind `arrays`:
-    what one evaluation of them launches, at most (compiled elementwise
-    chains count once, as they run as one kernel)."""
-    dot = io.StringIO()
-    mx.export_to_dot(dot, *arrays)
-    return dot.getvalue().count("shape=rectangle")
-
-
-def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 8):
-    """Build `steps` decode steps with nothing else running, timing each build
-    and counting the first one's graph. Returns (nodes, build seconds[])."""
-    builds, nodes = [], None
-    with mx.stream(generation_stream):
-        for _ in range(steps):
-            t = time.perf_counter()
-            out = _step(model, y, cache)
-            builds.append(time.perf_counter() - t)
-            if nodes is None:
-                nodes = graph_nodes(*out)
-            mx.eval(out)
-            y = out[0]
-    return nodes, builds
 
 
 def _to_host(a: mx.array):

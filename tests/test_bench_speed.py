@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from bench import harness
+from bench import harness, steps
 from bench.models import build_synthetic, model_config
 from bench.tokens import prompt_tokens
 
@@ -42,7 +42,7 @@ def test_decode_loop_gives_mlx_lm_greedy_tokens(name, request):
     cache = make_prompt_cache(built.model)
     y = harness.prefill(built.model, prompt, cache, step=8)
     assert int(y.item()) == want[0]
-    seconds, builds, tokens = harness.decode(built.model, y, cache, 5)
+    seconds, builds, tokens = steps.decode(built.model, y, cache, 5)
     assert tokens == want[1:]
     assert len(builds) == 5 and 0 < max(builds) and seconds > 0
     assert cache[0].offset == 20 + 5
@@ -50,8 +50,8 @@ def test_decode_loop_gives_mlx_lm_greedy_tokens(name, request):
 
 def test_graph_nodes_count_what_is_left_to_run(tiny):
     y, cache = filled(tiny)
-    assert harness.graph_nodes(y) == 0  # evaluated: nothing to run
-    nodes, builds = harness.probe_step(tiny.model, y, cache, steps=2)
+    assert steps.graph_nodes(y) == 0  # evaluated: nothing to run
+    nodes, builds = steps.probe_step(tiny.model, y, cache, steps=2)
     assert nodes > 10 * len(tiny.model.layers) and len(builds) == 2
 
 
@@ -67,7 +67,7 @@ def test_fusion_cuts_graph_nodes(tiny):
     for model in (tiny.model, unfused):
         built = type(tiny)(**{**tiny.__dict__, "model": model})
         y, cache = filled(built)
-        counts.append(harness.probe_step(model, y, cache, steps=1)[0])
+        counts.append(steps.probe_step(model, y, cache, steps=1)[0])
     fused, plain = counts
     layers = len(tiny.model.layers)
     # per layer at least: q/k/v 3 matmuls -> 1, one RoPE and one norm fewer
