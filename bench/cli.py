@@ -6,6 +6,7 @@ import sys
 import click
 
 from mobilemoe_mlx.errors import UserError, run_cli
+from mobilemoe_mlx.planner import PREFILL_CHUNK
 
 from .harness import Settings
 from .tokens import KINDS
@@ -49,7 +50,8 @@ def main():
 
 
 @main.command(context_settings=HELP)
-@click.option("--models", help="Comma-separated: S, M, L, tiny, pro, pro-tiny or a converted "
+@click.option("--models", help="Comma-separated: S, M, L, tiny, pro, pro-tiny, glm4-S (mlx-lm's "
+              "glm4_moe at S shape; also glm4-M, glm4-L, glm4-tiny) or a converted "
               "directory. [default: S,pro]")
 @click.option("--prompt-lengths", help="Prefill prompt lengths. [default: 512,...,8192]")
 @click.option("--decode-contexts", help="Contexts to decode at. [default: 256,1024,4096,8192]")
@@ -70,7 +72,7 @@ def main():
               help="Synthetic weight bits (2, 3, 4, 5, 6 or 8).")
 @click.option("--group-size", type=int, default=32, show_default=True,
               help="Synthetic weight group size (32, 64 or 128).")
-@click.option("--prefill-step", type=int, default=2048, show_default=True,
+@click.option("--prefill-step", type=int, default=PREFILL_CHUNK, show_default=True,
               help="Prefill chunk size (as mlx-lm's prefill_step_size).")
 @click.option("--bandwidth", type=float, help="Memory bandwidth in GB/s for the decode limit "
               "[default: measured copy bandwidth].")

@@ -10,9 +10,11 @@ whose logits give the first generated token (TTFT = all of that).
 Decode first fills a cache to the requested context the same way (untimed),
 keeps a copy of it in host memory (NumPy, outside MLX's memory accounting),
 and for every repeat generates `gen_tokens` greedy tokens from a fresh MLX copy
-of it, timing the host-side graph building of each step (the Python work
-before `mx.eval`) apart from the whole step. Steps are timed synchronously:
-each is evaluated before the next is built (no `mx.async_eval` pipelining).
+of it in the loop users run (bench/steps.py: mlx-lm's generate_step, where
+step i+1 is built and queued before token i is read), so tokens/s is what
+chat and `mlx_lm.generate` report. The host time to build each step's graph is
+timed inside that loop, and once more with nothing else running, when the
+step's graph is also counted (operations per decode step).
 """
 
 import copy
@@ -33,7 +35,10 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from mobilemoe_mlx import analytic
+from mobilemoe_mlx.planner import PREFILL_CHUNK
 from mobilemoe_mlx.routing import ExpertRecorder
+
+from .steps import decode, probe_step  # noqa: F401 - decode is public here too
 
 
 @dataclass
@@ -44,7 +49,7 @@ class Settings:
     repeats: int = 5
     warmup: int = 1
     prompts: str = "real"  # real | random | repeat
-    prefill_step: int = 2048
+    prefill_step: int = PREFILL_CHUNK  # the chunk chat prefills with too
     routing_tokens: int = 1024  # prompt length of the real-vs-dummy routing phase
     dtype: str = "float32"  # activations (and KV cache)
     bits: int = 4
@@ -175,24 +180,6 @@ def prefill(model: nn.Module, tokens: mx.array, cache, step: int) -> mx.array:
     y = mx.argmax(logits[:, -1, :], axis=-1)
     mx.eval(y)
     return y
-
-
-def decode(model: nn.Module, y: mx.array, cache, n: int):
-    """Generate `n` greedy tokens. Returns (seconds, per-step seconds, per-step
-    graph-building seconds): building is the time to construct the lazy graph
-    before `mx.eval` runs it."""
-    steps, builds = [], []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        ts = time.perf_counter()
-        logits = model(y[None], cache=cache)
-        y = mx.argmax(logits[:, -1, :], axis=-1)
-        tb = time.perf_counter()
-        mx.eval(y)
-        te = time.perf_counter()
-        builds.append(tb - ts)
-        steps.append(te - ts)
-    return time.perf_counter() - t0, steps, builds
 
 
 def _to_host(a: mx.array):
@@ -344,14 +331,17 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
         base = offload(cache)  # host memory: not part of the decode peak
         del cache
         progress.update(c, f"{name}: fill cache to {c}")
+        probe_cache = restore(base)
+        nodes, idle_builds = probe_step(model, y, probe_cache)
+        del probe_cache
         tps, step_med, build_med, peaks = [], [], [], []
         for r in range(s.warmup + s.repeats):
             run_cache = restore(base)
             start_phase()
-            total, steps, builds = decode(model, y, run_cache, s.gen_tokens)
+            total, builds, _ = decode(model, y, run_cache, s.gen_tokens)
             if r >= s.warmup:
                 tps.append(s.gen_tokens / total)
-                step_med.append(statistics.median(steps))
+                step_med.append(total / s.gen_tokens)  # steps overlap: the mean
                 build_med.append(statistics.median(builds))
                 peaks.append(mx.get_peak_memory())
             del run_cache
@@ -365,6 +355,8 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
             "step_s": stats(step_med),
             "graph_build_s": stats(build_med),
             "graph_build_fraction": statistics.median(build_med) / statistics.median(step_med),
+            "graph_nodes": nodes,
+            "graph_build_idle_s": stats(idle_builds),
             "peak_memory_bytes": max(peaks),
             "fill_s": fill_s,
             "fill_peak_memory_bytes": fill_peak,

@@ -1,7 +1,9 @@
 """Which models the benchmark runs, and how it builds them.
 
 A model name is a MobileMoE preset (S, M, L, tiny), ``pro`` (the dense
-MobileLLM-Pro-shaped baseline), ``pro-tiny`` (a tiny dense model for tests), or
+MobileLLM-Pro-shaped baseline), ``pro-tiny`` (a tiny dense model for tests),
+``glm4-<preset>`` (mlx-lm's own glm4_moe class at that preset's shape: the
+generic MoE a user would otherwise run, as a peer for the dedicated port), or
 a converted MobileMoE directory. Presets get synthetic weights at the exact
 published shape, built in memory: speed and memory do not depend on weight
 values, but routing does, so the weights are random (never zeros) and the
@@ -17,13 +19,16 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS, preset_config
 from mobilemoe_mlx.errors import UserError
 
 DENSE_NAMES = ("pro", "pro-tiny")
-MODEL_NAMES = (*PRESETS, *DENSE_NAMES)
+PEER_PREFIX = "glm4-"
+PEER_NAMES = tuple(PEER_PREFIX + p for p in PRESETS)
+MODEL_NAMES = (*PRESETS, *DENSE_NAMES, *PEER_NAMES)
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization supports
 GROUP_SIZES = (32, 64, 128)
@@ -95,10 +100,42 @@ def tiny_pro_config() -> dict:
     return cfg
 
 
+def glm4_config(config: dict) -> dict:
+    """mlx-lm's glm4_moe arguments for a MobileMoE config: same widths, heads,
+    experts, top-k, scaling and QK-norm; one expert group (no group routing),
+    every layer MoE, the shared expert as `n_shared_experts` routed widths."""
+    i = config["intermediate_size"]
+    shared, rest = divmod(config["intermediate_size_mlp"], i)
+    assert rest == 0, "shared expert width must be a multiple of the routed width"
+    return {
+        "model_type": "glm4_moe", "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size_mlp"],
+        "max_position_embeddings": config["max_position_embeddings"],
+        "moe_intermediate_size": i, "norm_topk_prob": True,
+        "num_attention_heads": config["num_attention_heads"], "n_group": 1,
+        "head_dim": config["head_dim"], "topk_group": 1, "n_shared_experts": shared,
+        "n_routed_experts": config["num_local_experts"],
+        "routed_scaling_factor": config["routed_scaling_factor"],
+        "num_experts_per_tok": config["num_experts_per_tok"], "first_k_dense_replace": 0,
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "rms_norm_eps": config["rms_norm_eps"], "rope_theta": config["rope_theta"],
+        "rope_scaling": None, "use_qk_norm": True, "tie_word_embeddings": False,
+        "attention_bias": False, "partial_rotary_factor": 1.0,
+    }
+
+
 def model_config(name: str) -> dict:
-    """The config dict of a preset name (MoE preset, pro or pro-tiny)."""
+    """The config dict of a preset name (MoE preset, pro, pro-tiny or a glm4 peer).
+
+    A peer's config is its MobileMoE preset's (so the analytic counts apply:
+    same shapes) with the glm4_moe arguments under `peer`."""
     from mobilemoe_mlx.dense import pro_config
 
+    if name.startswith(PEER_PREFIX) and name[len(PEER_PREFIX):] in PRESETS:
+        config = preset_config(name[len(PEER_PREFIX):])
+        config["peer"] = glm4_config(config)
+        return config
     if name == "pro":
         return pro_config()
     if name == "pro-tiny":
@@ -110,11 +147,16 @@ def model_config(name: str) -> dict:
 
 
 def family(config: dict) -> str:
+    if "peer" in config:
+        return "peer"
     return "moe" if "num_local_experts" in config else "dense"
 
 
 def model_class(config: dict):
-    if family(config) == "moe":
+    """(Model, ModelArgs) and the config dict those classes take."""
+    if family(config) == "peer":
+        from mlx_lm.models.glm4_moe import Model, ModelArgs
+    elif family(config) == "moe":
         from mobilemoe_mlx.model import Model, ModelArgs
     else:
         from mobilemoe_mlx.dense import Model, ModelArgs
@@ -122,8 +164,16 @@ def model_class(config: dict):
 
 
 def label(name: str) -> str:
+    if name in PEER_NAMES:
+        return f"mlx-lm glm4_moe at {name[len(PEER_PREFIX):]} shape"
     return {"pro": "MobileLLM-Pro", "pro-tiny": "MobileLLM-Pro (tiny)"}.get(
         name, f"MobileMoE-{name}" if name in PRESETS else name)
+
+
+def instantiate(config: dict) -> nn.Module:
+    """The (lazy, unquantized) module for a preset config, peers included."""
+    Model, ModelArgs = model_class(config)
+    return Model(ModelArgs.from_dict(config.get("peer", config)))
 
 
 def _not_router(path: str, module: nn.Module) -> bool:
@@ -132,15 +182,17 @@ def _not_router(path: str, module: nn.Module) -> bool:
 
 
 def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size: int = 32,
-                    seed: int = 0) -> Built:
-    """A model at `name`'s exact shape with random quantized weights.
+                    seed: int = 0, config: Optional[dict] = None, fuse: bool = False) -> Built:
+    """A model at `name`'s exact shape (or `config`'s, e.g. a depth-reduced
+    preset) with random quantized weights. `fuse`: stack q/k/v and gate/up as
+    loading a converted directory does (what the benchmark runs); unfused, the
+    parameters keep the directory names (what the exporters write).
 
     Built lazily, quantized, then given fresh random packed weights and
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
-    config = model_config(name)
-    Model, ModelArgs = model_class(config)
-    model = Model(ModelArgs.from_dict(config))
+    config = dict(config) if config is not None else model_config(name)
+    model = instantiate(config)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_not_router)
     config["quantization"] = {"group_size": group_size, "bits": bits}
     config["synthetic"] = True
@@ -153,7 +205,10 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         if not hasattr(m, "scales"):
             continue
         key, k1, k2 = mx.random.split(key, 3)
-        fan_in = m.scales.shape[-2] if m.weight.ndim == 3 else m.weight.shape[-1] * 32 // bits
+        # Our experts are [E, in, out] (groups along out); everything else,
+        # glm4's SwitchLinear included, is [..., out, in] (groups along in).
+        ours = m.weight.ndim == 3 and not isinstance(m, QuantizedSwitchLinear)
+        fan_in = m.scales.shape[-2] if ours else m.weight.shape[-1] * 32 // bits
         scale = 1 / (4.6 * math.sqrt(fan_in)) * (8 / 2 ** (bits - 1))
         hi = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k1)
         lo = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k2)
@@ -161,7 +216,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         # Scales and biases in float16 as a converted QAT checkpoint has them;
         # the embedding's in the activation dtype, because its output (the
         # residual stream) takes their dtype (float16 is slow on MLX's CPU).
-        sdt = dt if path.endswith("embed_tokens") else mx.float16
+        sdt = dt if path.endswith(("embed_tokens", "lm_head")) else mx.float16
         m.scales = mx.full(m.scales.shape, scale, dtype=sdt)
         # Bias -7.5 s (not -8 s) centres the values: an offset shared by every
         # weight would add a rank-1 component that, layer after layer, makes
@@ -170,12 +225,18 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     for path, m in modules.items():
         if isinstance(m, nn.RMSNorm):
             m.weight = mx.ones(m.weight.shape, dtype=dt)
-        elif path.endswith("router"):
+        elif path.endswith(("router", "mlp.gate")):  # ours, glm4's
             key, k1 = mx.random.split(key)
             m.weight = 0.02 * mx.random.normal(m.weight.shape, key=k1)  # float32
+            if hasattr(m, "e_score_correction_bias"):
+                key, k1 = mx.random.split(key)
+                m.e_score_correction_bias = 0.01 * mx.random.normal(
+                    m.e_score_correction_bias.shape, key=k1)
         elif path.endswith("feed_forward"):
             key, k1 = mx.random.split(key)
             m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
+    if fuse and hasattr(model, "fuse"):
+        model.fuse()  # what loading does to a converted directory (model.py)
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
         mx.eval(layer.parameters())
@@ -194,8 +255,7 @@ def check_quantizable(name: str, bits: int, group_size: int) -> None:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                         f"not {group_size}")
     config = model_config(name)
-    Model, ModelArgs = model_class(config)
-    model = Model(ModelArgs.from_dict(config))  # lazy: nothing is computed
+    model = instantiate(config)  # lazy: nothing is computed
     for path, m in model.named_modules():
         if _not_router(path, m) and m.weight.shape[-1] % group_size:
             raise UserError(f"--group-size {group_size} does not divide {name}'s {path} "
@@ -258,7 +318,7 @@ def build(name: str, weights: Optional[str] = None, **kwargs) -> Built:
         built = load_checkpoint(weights)
         built.name = name
         return built
-    return build_synthetic(name, **kwargs)
+    return build_synthetic(name, fuse=True, **kwargs)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -145,6 +145,13 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def fuse(self) -> None:
+        """Stack q/k/v and gate/up of a model quantized in memory, as
+        model.Model.fuse does (bit-identical)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def make_cache(self):
         """A rotating 512-slot cache for each local layer, a full one for each global."""
         return [

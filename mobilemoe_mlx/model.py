@@ -10,12 +10,23 @@ This file must stay self-contained (it imports only mlx and mlx-lm): the
 converter copies it next to the weights as the config's ``model_file``, which
 is how ``mlx_lm.generate --trust-remote-code`` finds the architecture.
 
+Fewer kernels per token: a decode step of a small model is bound by how many
+kernels it launches and how long the host takes to build it, not by
+arithmetic. So at load time (`sanitize`, or `Model.fuse()` on a model
+quantized in memory) q, k and v become one matmul, and the shared expert's
+gate and up another, when their weights are quantized: MLX's groups run along
+the input dimension, so stacking output rows of the packed words, scales and
+biases is lossless, and the result is bit-identical (tests/test_fusion.py).
+Directories on disk keep the separate tensors. The routing math is one
+compiled function, as in mlx-lm's glm4_moe.
+
 Shape legend: B = batch, L = tokens, D = hidden, H = heads, Hkv = KV heads,
 E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from functools import partial
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,6 +64,8 @@ class ModelArgs(BaseModelArgs):
     # Sorted dispatch starts at this many (token, expert) pairs (B * L * top-k):
     # sorting pays off once many tokens hit each expert (prefill), not at decode.
     expert_sort_threshold: int = 64
+    # Fuse q/k/v and the shared expert's gate/up at load (quantized weights only).
+    fuse_projections: bool = True
 
     def __post_init__(self):
         if self.rope_scaling is None and self.rope_parameters is not None:
@@ -62,7 +75,71 @@ class ModelArgs(BaseModelArgs):
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
 
 
-class Attention(nn.Module):
+def _stacked(linears: List[nn.QuantizedLinear]) -> nn.QuantizedLinear:
+    """One quantized linear whose output rows are `linears`' rows, in order.
+
+    The packed words, scales and biases are stacked: each output row keeps its
+    own groups (they run along the input dimension), so the values, and every
+    product, are exactly those of the separate matmuls."""
+    first = linears[0]
+    out = sum(m.weight.shape[0] for m in linears)
+    fused = nn.QuantizedLinear(first.weight.shape[1] * 32 // first.bits, out, False,
+                               first.group_size, first.bits, first.mode)
+    for name in ("weight", "scales", "biases"):
+        setattr(fused, name, mx.concatenate([getattr(m, name) for m in linears]))
+    return fused
+
+
+class _Fusable(nn.Module):
+    """A module whose projections `parts` can run as one stacked `fused` linear."""
+
+    fused: str
+    parts: tuple
+
+    def fuse(self) -> None:
+        """Stack the in-memory projections (quantized ones only: a float
+        matmul's summation order may change with its width; a quantized one's
+        does not)."""
+        parts = [getattr(self, p) for p in self.parts] if not self.is_fused() else []
+        if not parts or not all(isinstance(m, nn.QuantizedLinear) and "bias" not in m
+                                for m in parts):
+            return
+        if len({(m.bits, m.group_size, m.mode, m.scales.dtype) for m in parts}) != 1:
+            return  # mixed precision: one matmul cannot take both packings
+        setattr(self, self.fused, _stacked(parts))
+        for p in self.parts:
+            delattr(self, p)
+
+    def is_fused(self) -> bool:
+        return self.fused in self
+
+    def fuse_weights(self, weights: Dict[str, mx.array], prefix: str) -> None:
+        """Loading: stack this module's tensors in `weights` (in place) when all
+        are quantized, and swap in one (float, to be quantized) linear for them;
+        directories saved fused (mlx-lm re-saving a loaded model) stay fused."""
+        if self.is_fused():
+            return
+        names = [f"{prefix}.{p}" for p in self.parts]
+        if f"{prefix}.{self.fused}.weight" not in weights:
+            if not all(f"{n}.scales" in weights for n in names):
+                return
+            # Same bits and group size (widths of words and scales) or no fusion.
+            if len({(weights[f"{n}.weight"].shape[1:], weights[f"{n}.scales"].shape[1:],
+                     weights[f"{n}.scales"].dtype) for n in names}) != 1:
+                return
+            for r in ("weight", "scales", "biases"):
+                weights[f"{prefix}.{self.fused}.{r}"] = mx.concatenate(
+                    [weights.pop(f"{n}.{r}") for n in names])
+        linears = [getattr(self, p) for p in self.parts]
+        out = sum(m.weight.shape[0] for m in linears)
+        setattr(self, self.fused, nn.Linear(linears[0].weight.shape[1], out, bias=False))
+        for p in self.parts:
+            delattr(self, p)
+
+
+class Attention(_Fusable):
+    fused, parts = "qkv_proj", ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.num_attention_heads
@@ -86,14 +163,23 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-
+        h, hkv = self.n_heads, self.n_kv_heads
         offset = cache.offset if cache is not None else 0
-        # QK-norm has no learned scale; per-head RMS commutes with the rotation.
-        q = mx.fast.rms_norm(self.rope(q, offset=offset), None, self.eps)
-        k = mx.fast.rms_norm(self.rope(k, offset=offset), None, self.eps)
+        if self.is_fused():
+            # One matmul, then q and k heads rotated and normalised together
+            # (both are per head and per position: one RoPE and one RMS-norm
+            # kernel for both, with the same values as two of each).
+            qkv = self.qkv_proj(x).reshape(B, L, h + 2 * hkv, -1).transpose(0, 2, 1, 3)
+            qk, v = mx.split(qkv, [h + hkv], axis=1)
+            qk = mx.fast.rms_norm(self.rope(qk, offset=offset), None, self.eps)
+            q, k = mx.split(qk, [h], axis=1)
+        else:
+            q = self.q_proj(x).reshape(B, L, h, -1).transpose(0, 2, 1, 3)
+            k = self.k_proj(x).reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
+            v = self.v_proj(x).reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
+            # QK-norm has no learned scale; per-head RMS commutes with the rotation.
+            q = mx.fast.rms_norm(self.rope(q, offset=offset), None, self.eps)
+            k = mx.fast.rms_norm(self.rope(k, offset=offset), None, self.eps)
 
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -186,8 +272,10 @@ class RoutedExperts(nn.Module):
         return y.squeeze(-2)
 
 
-class MLP(nn.Module):
+class MLP(_Fusable):
     """A SwiGLU feed-forward block: the always-on shared expert (and dense.py's MLP)."""
+
+    fused, parts = "gate_up_proj", ("gate_proj", "up_proj")
 
     def __init__(self, dims: int, hidden_dims: int):
         super().__init__()
@@ -196,7 +284,25 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.is_fused():
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
+
+
+@partial(mx.compile, shapeless=False)
+def select_experts(logits: mx.array, expert_bias: mx.array, top_k: int, scaling: float):
+    """Router logits [.., E] (float32) -> (experts [.., K], their weights [.., K]).
+
+    One compiled function (as mlx-lm's glm4_moe does): its elementwise steps
+    fuse and the host replays the traced graph instead of building it op by op."""
+    scores = mx.sigmoid(logits)
+    # The bias only chooses experts; the weights use the unbiased scores.
+    choice = scores + expert_bias
+    indices = mx.stop_gradient(mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = mx.take_along_axis(scores, indices, axis=-1)  # [B, L, K]
+    return indices, weights / (weights.sum(-1, keepdims=True) + 1e-20) * scaling
 
 
 class MoE(nn.Module):
@@ -213,16 +319,15 @@ class MoE(nn.Module):
         self.shared_expert = MLP(args.hidden_size, args.intermediate_size_mlp)
 
     def __call__(self, x: mx.array) -> mx.array:
-        scores = mx.sigmoid(self.router(x.astype(mx.float32)))  # [B, L, E]
-        # The bias only chooses experts; the weights use the unbiased scores.
-        choice = scores + self.expert_bias
-        k = self.top_k
-        indices = mx.stop_gradient(mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k])
-        weights = mx.take_along_axis(scores, indices, axis=-1)  # [B, L, K]
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20) * self.scaling
-        routed = self.experts(x, indices)  # [B, L, K, D]
-        routed = (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2)
-        return routed + self.shared_expert(x)
+        logits = self.router(x.astype(mx.float32))  # [B, L, E]
+        indices, weights = select_experts(logits, self.expert_bias, self.top_k, self.scaling)
+        return combine_experts(self.experts(x, indices), weights, self.shared_expert(x))
+
+
+@mx.compile
+def combine_experts(routed: mx.array, weights: mx.array, shared: mx.array) -> mx.array:
+    """Routed outputs [B, L, K, D] weighted [B, L, K] and summed, plus the shared expert's."""
+    return (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2) + shared
 
 
 class DecoderLayer(nn.Module):
@@ -282,8 +387,28 @@ class Model(nn.Module):
     def cast_predicate(self):
         return lambda key: "router" not in key and "expert_bias" not in key
 
+    def fusable(self):
+        """(module, its parameter prefix) of every projection group that fuses."""
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            yield layer.self_attn, f"{p}.self_attn"
+            yield layer.feed_forward.shared_expert, f"{p}.feed_forward.shared_expert"
+
+    def fuse(self) -> None:
+        """Stack q/k/v and the shared expert's gate/up of a model quantized in
+        memory (bit-identical; see the module docstring)."""
+        for module, _ in self.fusable():
+            module.fuse()
+
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Converted directories are already in this module's names; only an
-        untied head some exporters add is dropped (the embedding is the head)."""
-        return {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        """Converted directories are already in this module's names; an untied
+        head some exporters add is dropped (the embedding is the head). Then,
+        unless `fuse_projections` is off, quantized q/k/v and shared gate/up
+        tensors are stacked and the module tree set up to take them (mlx-lm's
+        loader calls this before it quantizes and loads the weights)."""
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        if self.args.fuse_projections:
+            for module, prefix in self.fusable():
+                module.fuse_weights(weights, prefix)
+        return weights
 

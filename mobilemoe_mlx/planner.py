@@ -17,6 +17,11 @@ from typing import Dict, Optional
 from . import analytic
 
 GB = 1e9
+# Prompt tokens per prefill chunk, for chat (mlx-lm's prefill_step_size) and
+# the benchmark alike: the largest power of two that keeps MobileMoE-S at
+# 8,192 tokens within 1.1 GB in float16 by `plan()` (weights 0.793 + KV 0.168 +
+# working 0.087 GB = 1.048 GB; 512 would give 1.112 GB, mlx-lm's 2048 1.495 GB).
+PREFILL_CHUNK = 256
 PHONE_BUDGETS = {"phone app, 3 GB": 3 * GB, "phone app, 5 GB": 5 * GB}
 
 
@@ -33,7 +38,7 @@ def machine_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def working_bytes(config: dict, context: int, chunk: int = 2048, act_bytes: int = 2,
+def working_bytes(config: dict, context: int, chunk: int = PREFILL_CHUNK, act_bytes: int = 2,
                   kv_element_bytes: Optional[float] = None) -> int:
     """Upper-bound estimate of the memory a prefill to `context` tokens needs
     beyond the weights and the exact KV cache, at its worst moment: the last
@@ -89,7 +94,7 @@ def human_count(n: float) -> str:
 
 
 def plan(config: dict, context: int, kv_bits: Optional[int] = None, bits: Optional[int] = 4,
-         group_size: int = 32, dtype: str = "float16", chunk: int = 2048,
+         group_size: int = 32, dtype: str = "float16", chunk: int = PREFILL_CHUNK,
          budgets: Optional[Dict[str, float]] = None) -> dict:
     """Weights + KV cache + working memory at `context`, against each budget."""
     quant = analytic.Quant(bits=bits, group_size=group_size, dtype=dtype)
@@ -100,7 +105,7 @@ def plan(config: dict, context: int, kv_bits: Optional[int] = None, bits: Option
     total = weights + kv + work
     budgets = dict(budgets or {**PHONE_BUDGETS, "this machine's RAM": machine_ram()})
     return {
-        "context": context, "kv_bits": kv_bits, "bits": bits, "group_size": group_size,
+        "context": context, "prefill_chunk": chunk, "kv_bits": kv_bits, "bits": bits, "group_size": group_size,
         "dtype": dtype, "params": analytic.param_counts(config),
         "weights_bytes": weights, "kv_cache_bytes": kv, "working_bytes": work,
         "total_bytes": total,
@@ -118,7 +123,8 @@ def format_plan(name: str, p: dict) -> str:
         f"{q} weights, {kv} KV cache, context {p['context']}",
         f"  weights          {human_bytes(p['weights_bytes']):>10}",
         f"  KV cache         {human_bytes(p['kv_cache_bytes']):>10}",
-        f"  working (est.)   {human_bytes(p['working_bytes']):>10}",
+        f"  working (est.)   {human_bytes(p['working_bytes']):>10}"
+        f"  (prefill in chunks of {p['prefill_chunk']} tokens)",
         f"  total            {human_bytes(p['total_bytes']):>10}",
     ]
     for budget, b in p["budgets"].items():
