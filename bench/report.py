@@ -194,18 +194,21 @@ def _prefill_section(models: List[dict], pairs, paper: dict) -> List[str]:
 def _decode_section(models: List[dict], pairs, paper: dict) -> List[str]:
     paper_moe = _paper_moe(pairs)
     out = ["", "## Decode", "",
-           "Cache filled to the context first (untimed), then greedy tokens timed one by one. "
-           "`build` is host-side graph building per step (Python, before `mx.eval`).", ""]
-    head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms" for x in models)
+           "Cache filled to the context first (untimed), then greedy tokens timed in the loop "
+           "mlx_lm.generate runs (step i+1 queued before token i is read). `build` is the host "
+           "time to build one step's graph; `nodes` the operations in that graph.", ""]
+    head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms | nodes" for x in models)
     head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs)
     head += "".join(f" | paper ({k} vs Pro)" for k in paper_moe) + " |"
-    out += [head, "|" + "---|" * (1 + 2 * len(models) + len(pairs) + len(paper_moe))]
+    out += [head, "|" + "---|" * (1 + 3 * len(models) + len(pairs) + len(paper_moe))]
     for c in sorted({e["context"] for x in models for e in x.get("decode", [])}):
         row = [str(c)]
         for x in models:
             e = _by(x.get("decode", []), "context").get(c)
-            row += ([_range(e["tokens_per_s"]), f"{e['graph_build_s']['median'] * 1e3:.2f}"]
-                    if e else ["-", "-"])
+            # Runs before the pipelined loop (and Swift runs) have no node count.
+            row += ([_range(e["tokens_per_s"]), f"{e['graph_build_s']['median'] * 1e3:.2f}",
+                     f"{e['graph_nodes']:,}" if e.get("graph_nodes") else "-"]
+                    if e else ["-", "-", "-"])
         for a, b in pairs:
             ea = _by(a.get("decode", []), "context").get(c)
             eb = _by(b.get("decode", []), "context").get(c)

@@ -37,6 +37,7 @@ from .chat_options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: p
     kv_group_size,
 )
 from .errors import UserError
+from .planner import PREFILL_CHUNK
 from .routing import ExpertRecorder
 
 SIZES = ("S", "M", "L")
@@ -343,7 +344,8 @@ class ChatSession:
             self.model, self.tokenizer, mx.array(new), max_tokens=max_tokens,
             draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens,
             sampler=self._sampler, logits_processors=self._processors,
-            prompt_cache=self.cache, prompt_progress_callback=self._check_stop)
+            prompt_cache=self.cache, prompt_progress_callback=self._check_stop,
+            prefill_step_size=PREFILL_CHUNK)
         try:
             with recording:
                 self._generating = True  # request_stop(now=True) may raise from here on
