@@ -11,7 +11,6 @@ routed experts spread over the tokens as they would in a trained model.
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS, preset_config
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.synthetic import level_scale, random_packed_weight
 
 DENSE_NAMES = ("pro", "pro-tiny")
 PEER_PREFIX = "glm4-"
@@ -199,29 +199,24 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     dt = DTYPES[dtype]
     key = mx.random.key(seed)
     modules = dict(model.named_modules())
-    # Fill each quantized module: uniform nibbles u, scale s, bias -7.5 s, so the
-    # weights are symmetric 4-bit values with std ~1/sqrt(fan_in) (as synthetic.py does).
+    # Fill each quantized module with mobilemoe_mlx/synthetic.py's random centred
+    # levels (as a synthetic checkpoint has them), packed in MLX's format.
     for path, m in modules.items():
         if not hasattr(m, "scales"):
             continue
-        key, k1, k2 = mx.random.split(key, 3)
+        key, k1 = mx.random.split(key)
         # Our experts are [E, in, out] (groups along out); everything else,
         # glm4's SwitchLinear included, is [..., out, in] (groups along in).
         ours = m.weight.ndim == 3 and not isinstance(m, QuantizedSwitchLinear)
         fan_in = m.scales.shape[-2] if ours else m.weight.shape[-1] * 32 // bits
-        scale = 1 / (4.6 * math.sqrt(fan_in)) * (8 / 2 ** (bits - 1))
-        hi = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k1)
-        lo = mx.random.randint(0, 1 << 16, m.weight.shape, dtype=mx.uint32, key=k2)
-        m.weight = (hi << 16) | lo
+        scale = level_scale(fan_in, bits)
+        m.weight = random_packed_weight(m.weight.shape, bits, k1)
         # Scales and biases in float16 as a converted QAT checkpoint has them;
         # the embedding's in the activation dtype, because its output (the
         # residual stream) takes their dtype (float16 is slow on MLX's CPU).
         sdt = dt if path.endswith(("embed_tokens", "lm_head")) else mx.float16
         m.scales = mx.full(m.scales.shape, scale, dtype=sdt)
-        # Bias -7.5 s (not -8 s) centres the values: an offset shared by every
-        # weight would add a rank-1 component that, layer after layer, makes
-        # all hidden states alike and routes every token to the same experts.
-        m.biases = mx.full(m.scales.shape, -(2 ** (bits - 1) - 0.5) * scale, dtype=sdt)
+        m.biases = mx.full(m.scales.shape, -(1 << (bits - 1)) * scale, dtype=sdt)
     for path, m in modules.items():
         if isinstance(m, nn.RMSNorm):
             m.weight = mx.ones(m.weight.shape, dtype=dt)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 import mlx.core as mx
+import numpy as np
 
 from .config import preset_config
 from .errors import UserError, run_cli
@@ -78,21 +79,74 @@ def write_tokenizer(out: Path, vocab_size: int, with_chat_template: bool = True)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+# -- random quantized weights: one generator for these checkpoints and bench/models.py --
+#
+# Weights are q * scale with q uniform over the centred levels -(2**(b-1) - 1) ..
+# 2**(b-1) - 1: centred, so no offset shared by every weight pushes all tokens
+# to the same few experts (the most negative level would give q a mean of -0.5).
+# The released QAT format and MLX's affine format (u * scale + bias) both hold
+# them exactly: u = q + 2**(b-1), bias = -2**(b-1) * scale.
+
+def random_levels(shape, bits: int, key: mx.array) -> mx.array:
+    """Offset levels u = q + 2**(bits-1) of random centred q, as uint32 in [1, 2**bits - 1]."""
+    return mx.random.randint(1, 1 << bits, shape, key=key).astype(mx.uint32)
+
+
+def level_scale(fan_in: int, bits: int) -> float:
+    """The scale that gives weights q * scale a standard deviation of 1/sqrt(fan_in)."""
+    count = (1 << bits) - 1  # how many centred levels
+    return 1 / (math.sqrt((count * count - 1) / 12) * math.sqrt(fan_in))
+
+
+def pack_levels(u: mx.array, bits: int) -> mx.array:
+    """[..., n] levels -> [..., n * bits / 32] uint32 words in MLX's layout.
+
+    MLX stores a row as one little-endian bit stream: level j occupies bits
+    j*bits .. (j+1)*bits - 1, so with 3, 5 or 6 bits a level can straddle two
+    words. Every 32 levels fill exactly `bits` words."""
+    *lead, n = u.shape
+    levels = u.reshape(*lead, n // 32, 32)
+    first_bit = np.arange(32) * bits
+    word, offset = first_bit // 32, first_bit % 32
+    straddles = offset + bits > 32
+    low = levels << mx.array(offset, dtype=mx.uint32)  # what lands in `word` (high bits drop off)
+    high = levels >> mx.array(np.where(straddles, 32 - offset, 0), dtype=mx.uint32)
+    words = [mx.where(mx.array(word == k), low, 0).sum(-1)
+             + mx.where(mx.array(straddles & (word == k - 1)), high, 0).sum(-1)
+             for k in range(bits)]  # bits <= 8 words per 32 levels; bit fields are disjoint
+    return mx.stack(words, -1).astype(mx.uint32).reshape(*lead, n * bits // 32)
+
+
+def random_packed_weight(packed_shape, bits: int, key: mx.array) -> mx.array:
+    """Random centred levels packed as MLX's quantized `weight` of `packed_shape`.
+
+    Generated a block of rows at a time and evaluated, so unpacking never holds
+    more than ~16M levels (an L embedding has 259M)."""
+    *lead, words = packed_shape
+    rows = math.prod(lead)
+    n = words * 32 // bits
+    step = max(1, (1 << 24) // n)
+    blocks = []
+    for start in range(0, rows, step):
+        key, sub = mx.random.split(key)
+        block = pack_levels(random_levels((min(step, rows - start), n), bits, sub), bits)
+        mx.eval(block)
+        blocks.append(block)
+    return mx.concatenate(blocks).reshape(packed_shape)
+
+
 def _random_tensor(kind: str, role: str, shape, dtype: str, fan_in: int,
                    key: mx.array) -> mx.array:
     if kind == NORM:
         return mx.ones(shape, dtype=mx.bfloat16)
     if kind == BIAS:
         return (0.01 * mx.random.normal(shape, key=key)).astype(mx.bfloat16)
-    if role == "qweight":
-        # q uniform in [-7, 7]: centred, so no shared offset pushes every token
-        # to the same few experts (uniform bytes would give q a mean of -0.5).
+    if role == "qweight":  # the released format: two's-complement q nibbles, even index low
         *lead, half = shape
-        q = mx.random.randint(-7, 8, (*lead, 2 * half), key=key)
-        nibbles = (q & 0xF).astype(mx.uint8)
-        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # even index in the low nibble
-    if role == "scale":  # q has std ~4.3, so this gives weights of std ~1/sqrt(fan_in)
-        return mx.full(shape, 1 / (4.3 * math.sqrt(fan_in)), dtype=mx.float16)
+        nibbles = (random_levels((*lead, 2 * half), 4, key) ^ 8).astype(mx.uint8)  # u ^ 8 == q & 0xF
+        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    if role == "scale":
+        return mx.full(shape, level_scale(fan_in, 4), dtype=mx.float16)
     std = 0.02 if kind == ROUTER else 1 / math.sqrt(fan_in)
     out = std * mx.random.normal(shape, key=key)
     return out if dtype == "F32" else out.astype(mx.bfloat16)
