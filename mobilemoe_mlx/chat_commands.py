@@ -261,7 +261,7 @@ def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str
         load_chat_model,
         model_source,
     )
-    from .loading import check_source
+    from .loading import check_source_argument as check_source
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     check_options(draft is not None, max_kv_size, kv_bits, raw, system)  # before any download

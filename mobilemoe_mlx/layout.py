@@ -121,7 +121,7 @@ def source_tensors(w: Weight, layout: str, group_size: int = 32) -> Dict[str, Ex
     return {"weight": Expected(f"{w.path}.weight", FLOAT_DTYPES, w.shape)}
 
 
-def check_source(weights: List[Weight], layout: str, source: TensorSource,
+def check_tensors_against_layout(weights: List[Weight], layout: str, source: TensorSource,
                  group_size: int = 32) -> None:
     """Every expected tensor present with its dtype and shape, none left over."""
     expected = {
