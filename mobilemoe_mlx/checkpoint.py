@@ -124,7 +124,9 @@ def read_safetensors_header(path: Path) -> Dict[str, TensorInfo]:
         raise corrupt(f"bad header: {str(e)[:200]}") from e
     if not isinstance(header, dict):
         raise corrupt("its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}  # null, as MLX writes it, is allowed
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # null, as MLX writes it, is allowed
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(v, str) for v in metadata.values()):
         raise corrupt("its __metadata__ is not a table of strings")
