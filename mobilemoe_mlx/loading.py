@@ -54,8 +54,9 @@ def check_converted_weights(path: Path) -> int:
         try:
             infos = read_safetensors_header(f)
         except UserError as e:
+            what = str(e).split("; download")[0].split("; the file is corrupt")[0]
             raise DamagedConversion(
-                f"the converted model in {path} is damaged ({e}); convert the checkpoint "
+                f"the converted model in {path} is damaged ({what}); convert the checkpoint "
                 "again with --force to replace it") from e
         total += tensor_bytes(infos.values())
     return total
