@@ -62,13 +62,16 @@ def check_converted_weights(path: Path) -> int:
     return total
 
 
-def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
+def load_converted(path: Path, lazy: bool = False,
+                   float32_on_cpu: bool = False) -> Tuple[nn.Module, dict]:
     """The model of a converted directory, through mlx-lm's own loader.
 
-    Where MLX has no Metal, floating parameters are cast to float32 on load
-    (quantized weights stay quantized; their scales and biases are cast): the
-    CPU backend runs float16 and bfloat16 tens of times slower, and the
-    directory on disk stays as portable as it was converted."""
+    With `float32_on_cpu` (what load() asks for), where MLX has no Metal the
+    floating parameters are cast to float32 (quantized weights stay quantized;
+    their scales and biases are cast): the CPU backend runs float16 and
+    bfloat16 tens of times slower, and the directory on disk stays as portable
+    as it was converted. Without it the model keeps its stored dtypes (what
+    the benchmark measures)."""
     from mlx_lm.utils import load_model
 
     from .model import Model, ModelArgs
@@ -88,11 +91,28 @@ def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
         more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
         raise UserError(f"{path}'s config.json does not match its weights: "
                         f"{lines[0][:300]}{more}; convert the checkpoint again") from e
-    if not mx.metal.is_available():
+    if mx.metal.is_available():
+        return model, config
+    if float32_on_cpu:
         model.apply(_as_float32)
         if not lazy:
             mx.eval(model.parameters())
+    else:
+        _check_runs_here(model, path)
     return model, config
+
+
+def _check_runs_here(model: nn.Module, path: Path) -> None:
+    """MLX's CPU backend has gather_mm in float32 only: say so at load, not at
+    the first token with a kernel error."""
+    from .model import ExpertLinear
+
+    experts = model.layers[0].feed_forward.experts.gate_up_proj
+    if isinstance(experts, ExpertLinear) and experts.weight.dtype != mx.float32:
+        raise UserError(
+            f"{path} keeps its experts unquantized in {str(experts.weight.dtype).split('.')[-1]}, "
+            "which MLX's CPU backend cannot run: convert again with --dtype float32, or quantize"
+        )
 
 
 def _as_float32(a: mx.array) -> mx.array:
@@ -207,10 +227,12 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
             and commit (or by path and file times); float32 where there is no Metal.
         revision: Hub branch, tag or commit.
         lazy: leave weights on disk until first use.
+    Where MLX has no Metal, floating parameters are cast to float32 in memory
+    (see load_converted); the directory on disk is left as it is.
     Returns:
         ``(model, tokenizer)``: an mlx-lm compatible model and mlx-lm's
         TokenizerWrapper, ready for ``mlx_lm.generate`` / ``stream_generate``.
     """
     path = resolve_converted(path_or_repo, revision, progress)
-    model, config = load_converted(path, lazy)
+    model, config = load_converted(path, lazy, float32_on_cpu=True)
     return model, load_tokenizer(path, config.get("eos_token_id"))

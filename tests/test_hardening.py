@@ -20,7 +20,6 @@ from test_convert_cli import REPO, assert_clean_failure, run_convert
 
 from mobilemoe_mlx import convert, load, packing
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.loading import load_converted
 from mobilemoe_mlx.synthetic import write_synthetic
 
 
@@ -466,11 +465,13 @@ def test_float16_directory_runs_in_float32_on_cpu(qat, tmp_path, quantize):
     header, _ = read_header(half / "model.safetensors")
     assert {m["dtype"] for n, m in header.items() if n != "__metadata__"} >= {"F16"}  # on disk
 
-    model, _ = load_converted(half)
+    model, _ = load(str(half))
     dtypes = {str(v.dtype) for _, v in tree_flatten(model.parameters())}
     assert dtypes == ({"mlx.core.float32", "mlx.core.uint32"} if quantize
                       else {"mlx.core.float32"})
-    reference, _ = load_converted(full)
+    after, _ = read_header(half / "model.safetensors")
+    assert after == header  # the directory stays as converted: portable to Metal
+    reference, _ = load(str(full))
     ids = mx.array([[0, 5, 9, 200, 17, 3, 3, 42]])
     # The QAT scales are float16 values already; only norms and biases round.
     assert np.allclose(np.array(model(ids)), np.array(reference(ids)), atol=2e-2, rtol=1e-2)
