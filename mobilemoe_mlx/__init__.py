@@ -1,8 +1,7 @@
 """Run Meta's MobileMoE models with MLX: model, converter and loader."""
 
-__version__ = "0.1.0"
-
-from .convert import convert  # noqa: E402
-from .loading import load  # noqa: E402
+from ._version import __version__
+from .convert import convert
+from .loading import load
 
 __all__ = ["load", "convert", "__version__"]

@@ -302,7 +302,7 @@ def _check_before_loading(model, variant, system, raw, sampling, seed, max_kv_si
     Returns the model's source and the draft's (None without --draft)."""
     from .chat import SIZES, model_source
     from .chat_options import check_options, check_sampling, check_seed
-    from .loading import check_source
+    from .loading import check_source_argument
 
     check_options(draft is not None, max_kv_size, kv_bits, raw, system)
     check_sampling(sampling)
@@ -317,11 +317,11 @@ def _check_before_loading(model, variant, system, raw, sampling, seed, max_kv_si
         raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
                         "continue plain text, or chat with --variant qat or sft")
     source = model_source(model, variant)
-    check_source(source, "--model")
+    check_source_argument(source, "--model")
     draft_source = None
     if draft is not None:
         draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
-        check_source(draft_source, "--draft")
+        check_source_argument(draft_source, "--draft")
     return source, draft_source
 
 

@@ -10,6 +10,8 @@ bf16/fp32 weights are quantized to INT4 group-32 by default.
 """
 
 import json
+import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from . import __version__, packing
-from .checkpoint import TensorSource, open_checkpoint
-from .config import check_qat_block, rope_block, validate_config
+from . import packing
+from ._version import __version__
+from .checkpoint import TensorSource, open_checkpoint, read_text
+from .config import check_config_fits, check_qat_block, rope_block, validate_config
 from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
@@ -31,12 +34,12 @@ from .layout import (
     QUANTIZABLE,
     ROUTER,
     Weight,
-    check_source,
+    check_tensors_against_layout,
     detect_layout,
     model_weights,
     source_tensors,
 )
-from .output_dir import atomic_output_dir, check_output_dir
+from .output_dir import atomic_output_dir, check_not_overlapping, check_output_dir
 from .safetensors_writer import Group, write_model
 
 MODEL_FILE = "mobilemoe.py"
@@ -58,6 +61,31 @@ class _Converter:
         self.carry_qat = (layout == QAT and quantize and bits == 4
                           and group_size == qat_group_size)
         self.errors: Dict[str, float] = {}
+        self.zero_scales: List[str] = []  # weights whose every scale is zero
+
+    def _load(self, name: str) -> mx.array:
+        """A checkpoint tensor, refused if it holds NaN or infinity: those would
+        become a model that answers garbage, never an error."""
+        a = self.source.load(name)
+        if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
+            raise UserError(f"the checkpoint's tensor {name} holds NaN or infinite values; "
+                            "the checkpoint is damaged: download it again")
+        return a
+
+    def produce(self, w: Weight) -> Dict[str, mx.array]:
+        arrays = self._produce(w)
+        for name, a in arrays.items():
+            if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
+                raise UserError(
+                    f"{name} does not fit in {str(a.dtype).split('.')[-1]} (it overflows to "
+                    "infinity); convert with --dtype float32")
+            if name.endswith(".scales") and not mx.any(a).item():
+                self.zero_scales.append(w.path)
+        error = self.errors.get(w.path, 0.0)
+        if not math.isfinite(error):
+            raise UserError(f"quantizing {w.path} gave a non-finite error ({error}); "
+                            "convert with --no-quantize or --dtype float32")
+        return arrays
 
     def specs(self, w: Weight):
         if w.kind in (ROUTER, BIAS):
@@ -75,9 +103,9 @@ class _Converter:
     def _name(w: Weight) -> str:
         return w.path if w.kind == BIAS else f"{w.path}.weight"
 
-    def produce(self, w: Weight) -> Dict[str, mx.array]:
+    def _produce(self, w: Weight) -> Dict[str, mx.array]:
         roles = source_tensors(w, self.layout, self.qat_group_size)
-        load = self.source.load
+        load = self._load
         if w.kind in (ROUTER, BIAS):
             return {self._name(w): load(roles["weight"].name).astype(mx.float32)}
         if w.kind == NORM:
@@ -96,7 +124,7 @@ class _Converter:
                 f"{w.path}.biases": biases}
 
     def _dense(self, w: Weight, roles) -> mx.array:
-        load = self.source.load
+        load = self._load
         if self.layout == QAT:
             return packing.dequantize_qat(load(roles["qweight"].name), load(roles["scale"].name))
         if self.layout == PER_EXPERT and w.kind == EXPERTS:
@@ -144,6 +172,11 @@ def converted_config(config: dict, quantization: Optional[dict], layout: str) ->
     return out
 
 
+def _listing(names: List[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more"
+                                       if len(names) > limit else "")
+
+
 def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -154,7 +187,12 @@ def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
     if tc.exists():
         # Llama-3's cleanup turns `SELECT ?s` into `SELECT?s`; the model was not
         # trained to expect it, so decode verbatim.
-        cfg = json.loads(tc.read_text())
+        try:
+            cfg = json.loads(read_text(tc))
+        except ValueError as e:
+            raise UserError(f"{tc} is not valid JSON ({e})") from e
+        if not isinstance(cfg, dict):
+            raise UserError(f"{tc} is not a JSON object")
         cfg["clean_up_tokenization_spaces"] = False
         tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     return copied
@@ -172,17 +210,49 @@ def _resolve_source(source: str, revision: Optional[str]):
     raise UserError(f"{source} is neither an existing path nor a Hub repo id (org/name)")
 
 
+CONVERTER_NAME = "mobilemoe-mlx"
+# Every file this converter writes; a directory holding anything else is not one --force replaces.
+_OUTPUT_FILES = re.compile(
+    r"(config|conversion|model\.safetensors\.index)\.json|" + re.escape(MODEL_FILE)
+    + r"|model(-\d{5}-of-\d{5})?\.safetensors|"
+    + "|".join(re.escape(name) for name in TOKENIZER_FILES))
+
+
+def conversion_report(path: Path) -> Optional[dict]:
+    """conversion.json of a directory this converter wrote, or None: the file
+    must exist and carry the converter's signature, its name alone proves nothing."""
+    try:
+        report = json.loads(read_text(path / "conversion.json"))
+    except (UserError, ValueError):
+        return None
+    if (isinstance(report, dict) and isinstance(report.get("converter"), str)
+            and report["converter"].startswith(CONVERTER_NAME + " ")
+            and isinstance(report.get("layout"), str)):
+        return report
+    return None
+
+
 def is_converted(path: Path) -> bool:
     """A directory this converter wrote, or mlx-lm re-quantized from one."""
     if not path.is_dir():
         return False
-    if (path / "conversion.json").is_file():
+    if conversion_report(path) is not None and (path / "config.json").is_file():
         return True
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "source_layout" in config
+
+
+def is_replaceable_output(path: Path) -> bool:
+    """What --force may delete: a directory with our signed conversion.json
+    and nothing but the files a conversion writes (a user's own file inside,
+    or a subdirectory, and it is left alone)."""
+    if conversion_report(path) is None:
+        return False
+    return all(child.is_file() and not child.is_symlink() and _OUTPUT_FILES.fullmatch(child.name)
+               for child in path.iterdir())
 
 
 def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
@@ -210,11 +280,14 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
     Returns:
         The output directory.
     """
-    out_path = check_output_dir(out, force, is_converted, "a converted model")
+    out_path = check_output_dir(out, force, is_replaceable_output,
+                                "a converted model (holding only the files a conversion "
+                                "writes)")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
 
     src_path, commit = _resolve_source(source, revision)
+    check_not_overlapping(out_path, src_path)
     if is_converted(src_path):
         raise UserError(f"{src_path} is already converted: load it directly")
     tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
@@ -223,10 +296,11 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
                         "next to its weights")
     config, tensors = open_checkpoint(src_path)
     validate_config(config)
+    check_config_fits(config, tensors.stored_bytes(), str(src_path))
     layout = detect_layout(tensors)
     qat_group = check_qat_block(config.get("quantization", {})) if layout == QAT else 32
     weights = model_weights(config)
-    check_source(weights, layout, tensors, qat_group)
+    check_tensors_against_layout(weights, layout, tensors, qat_group)
     q_group_size = q_group_size or qat_group
     if quantize:
         _check_group_size(weights, q_group_size, q_bits)
@@ -261,8 +335,13 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
             "bit_exact_int4": converter.carry_qat,
             "weights_bytes": sum((tmp / f).stat().st_size for f in files),
             "max_abs_quantization_error": converter.errors,
+            "all_zero_scales": converter.zero_scales,
         }
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
+        if converter.zero_scales:
+            print(f"warning: every quantization scale of {_listing(converter.zero_scales)} is "
+                  "zero, so those weights are all zero (recorded in conversion.json)",
+                  file=sys.stderr)
         if "tokenizer.json" not in copied:
             print(f"warning: no tokenizer.json beside the checkpoint; copy the tokenizer "
                   f"files into {out_path} before loading it", file=sys.stderr)

@@ -121,12 +121,15 @@ def source_tensors(w: Weight, layout: str, group_size: int = 32) -> Dict[str, Ex
     return {"weight": Expected(f"{w.path}.weight", FLOAT_DTYPES, w.shape)}
 
 
-def check_source(weights: List[Weight], layout: str, source: TensorSource,
+def check_tensors_against_layout(weights: List[Weight], layout: str, source: TensorSource,
                  group_size: int = 32) -> None:
-    """Every expected tensor present with its dtype and shape, none left over."""
+    """Every expected tensor present with its dtype and shape, none left over,
+    and every floating tensor but the router in one dtype."""
     expected = {
         e.name: e for w in weights for e in source_tensors(w, layout, group_size).values()
     }
+    routers = {e.name for w in weights if w.kind == ROUTER
+               for e in source_tensors(w, layout, group_size).values()}
     missing = sorted(set(expected) - set(source.info))
     leftover = sorted(set(source.info) - set(expected))
     problems = []
@@ -134,6 +137,7 @@ def check_source(weights: List[Weight], layout: str, source: TensorSource,
         problems.append(f"missing tensors: {_listing(missing)}")
     if leftover:
         problems.append(f"unexpected tensors: {_listing(leftover)}")
+    float_dtypes: Dict[str, str] = {}  # dtype -> first tensor seen with it
     for name, exp in expected.items():
         got: TensorInfo = source.info.get(name)
         if got is None:
@@ -142,6 +146,13 @@ def check_source(weights: List[Weight], layout: str, source: TensorSource,
             problems.append(f"{name} has shape {list(got.shape)}, expected {list(exp.shape)}")
         elif got.dtype not in exp.dtypes:
             problems.append(f"{name} has dtype {got.dtype}, expected {' or '.join(exp.dtypes)}")
+        elif exp.dtypes == FLOAT_DTYPES and name not in routers:
+            float_dtypes.setdefault(got.dtype, name)
+    if len(float_dtypes) > 1:
+        # Checkpoints are saved in one dtype (the router aside): a lone tensor in
+        # another one is a damaged header whose bytes would be read as other numbers.
+        problems.append("the floating tensors mix dtypes (" + ", ".join(
+            f"{name} is {dtype}" for dtype, name in float_dtypes.items()) + ")")
     if problems:
         raise UserError(f"the checkpoint does not match its config ({layout} layout): "
                         + "; ".join(problems[:8])

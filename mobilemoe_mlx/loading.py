@@ -3,15 +3,28 @@
 import hashlib
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import WEIGHT_SUFFIXES
+from .checkpoint import WEIGHT_SUFFIXES, read_config, read_safetensors_header, tensor_bytes
+from .config import check_config_fits, validate_config
 from .convert import convert, is_converted  # noqa: F401 - is_converted is public here too
 from .errors import UserError
 from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
+from .output_dir import disk_error
+
+try:  # Linux and macOS; elsewhere concurrent first loads are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+class DamagedConversion(UserError):
+    """A converted directory whose weights files are damaged (say, truncated)."""
 
 
 def load_tokenizer(path: Path, eos_token_ids=None):
@@ -29,12 +42,43 @@ def load_tokenizer(path: Path, eos_token_ids=None):
     return load_mlx_tokenizer(path, {"config": PretrainedConfig()}, eos_token_ids=eos_token_ids)
 
 
-def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
-    """The model of a converted directory, through mlx-lm's own loader."""
+def check_converted_weights(path: Path) -> int:
+    """The tensor bytes of a converted directory, after checking every weights
+    file's header against its size; DamagedConversion if one is damaged."""
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise DamagedConversion(f"{path} holds no model*.safetensors; convert the checkpoint "
+                                "again (with --force to replace this directory)")
+    total = 0
+    for f in files:
+        try:
+            infos = read_safetensors_header(f)
+        except UserError as e:
+            what = str(e).split("; download")[0].split("; the file is corrupt")[0]
+            raise DamagedConversion(
+                f"the converted model in {path} is damaged ({what}); convert the checkpoint "
+                "again with --force to replace it") from e
+        total += tensor_bytes(infos.values())
+    return total
+
+
+def load_converted(path: Path, lazy: bool = False,
+                   float32_on_cpu: bool = False) -> Tuple[nn.Module, dict]:
+    """The model of a converted directory, through mlx-lm's own loader.
+
+    With `float32_on_cpu` (what load() asks for), where MLX has no Metal the
+    floating parameters are cast to float32 (quantized weights stay quantized;
+    their scales and biases are cast): the CPU backend runs float16 and
+    bfloat16 tens of times slower, and the directory on disk stays as portable
+    as it was converted. Without it the model keeps its stored dtypes (what
+    the benchmark measures)."""
     from mlx_lm.utils import load_model
 
     from .model import Model, ModelArgs
 
+    config = read_config(path / "config.json")
+    validate_config(config)
+    check_config_fits(config, check_converted_weights(path), str(path))
     try:
         model, config = load_model(
             path, lazy=lazy, model_config={"model_file": None},
@@ -43,25 +87,38 @@ def load_converted(path: Path, lazy: bool = False) -> Tuple[nn.Module, dict]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from e
     except (FileNotFoundError, ValueError) as e:  # mlx-lm: no weights, or shapes that differ
-        raise UserError(f"cannot load {path}: {e}; convert the checkpoint again") from e
-    _check_runs_here(model, path)
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+        raise UserError(f"{path}'s config.json does not match its weights: "
+                        f"{lines[0][:300]}{more}; convert the checkpoint again") from e
+    if mx.metal.is_available():
+        return model, config
+    if float32_on_cpu:
+        model.apply(_as_float32)
+        if not lazy:
+            mx.eval(model.parameters())
+    else:
+        _check_runs_here(model, path)
     return model, config
 
 
 def _check_runs_here(model: nn.Module, path: Path) -> None:
     """MLX's CPU backend has gather_mm in float32 only: say so at load, not at
     the first token with a kernel error."""
-    import mlx.core as mx
-
     from .model import ExpertLinear
 
     experts = model.layers[0].feed_forward.experts.gate_up_proj
-    if (not mx.metal.is_available() and isinstance(experts, ExpertLinear)
-            and experts.weight.dtype != mx.float32):
+    if isinstance(experts, ExpertLinear) and experts.weight.dtype != mx.float32:
         raise UserError(
-            f"{path} keeps its experts unquantized in {str(experts.weight.dtype).split('.')[-1]}, which MLX's CPU "
-            "backend cannot run: convert again with --dtype float32, or quantize"
+            f"{path} keeps its experts unquantized in {str(experts.weight.dtype).split('.')[-1]}, "
+            "which MLX's CPU backend cannot run: convert again with --dtype float32, or quantize"
         )
+
+
+def _as_float32(a: mx.array) -> mx.array:
+    if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
+        return a.astype(mx.float32)
+    return a
 
 
 def conversion_dtype() -> Optional[str]:
@@ -86,7 +143,7 @@ def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
     return cache_root() / "local" / key.hexdigest()[:16]
 
 
-def check_source(source: str, option: str = "source") -> None:
+def check_source_argument(source: str, option: str = "source") -> None:
     """Reject a source `load()` cannot use, before anything is fetched or converted:
     an empty one, a file that is no weights file, or neither a path nor a repo id."""
     if not source.strip():
@@ -102,27 +159,59 @@ def check_source(source: str, option: str = "source") -> None:
                         "(org/name)")
 
 
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Held while one process converts into `target`, so many processes loading
+    the same source at once convert it once and all get the finished model."""
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")
+    except OSError as e:
+        raise disk_error(e, lock.parent) or e from e
+    with handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _cached(target: Path, progress: bool) -> bool:
+    """Whether the cache entry `target` is a whole converted model; a damaged one
+    (say, truncated weights) is reported and converted again."""
+    if not is_converted(target):
+        return False
+    try:
+        check_converted_weights(target)
+    except DamagedConversion as e:
+        print(f"warning: {e}; converting it again", file=sys.stderr)
+        return False
+    if progress:
+        print(f"using the converted model cached at {target}", file=sys.stderr)
+    return True
+
+
 def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
                       progress: bool = True) -> Path:
     """A converted directory for any source, converting into the cache once."""
-    check_source(path_or_repo)
+    check_source_argument(path_or_repo)
     dtype = conversion_dtype()
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if is_converted(path):
             return path
         target = _local_cache_dir(path, dtype)
-    else:  # check_source made sure it is a repo id
+    else:  # check_source_argument made sure it is a repo id
         commit = resolve_revision(path_or_repo, revision)
         target = converted_cache_dir(path_or_repo, commit + (f"-{dtype}" if dtype else ""))
-    if is_converted(target):
-        if progress:
-            print(f"using the converted model cached at {target}", file=sys.stderr)
+    if target.exists() and _cached(target, progress):
         return target
-    if progress:
-        print(f"converting {path_or_repo} once into {target}", file=sys.stderr)
-    return convert(path_or_repo, str(target), dtype=dtype, revision=revision, force=True,
-                   progress=progress, require_tokenizer=True)
+    with _conversion_lock(target):
+        if _cached(target, progress):  # another process converted it while we waited
+            return target
+        if progress:
+            print(f"converting {path_or_repo} once into {target}", file=sys.stderr)
+        return convert(path_or_repo, str(target), dtype=dtype, revision=revision, force=True,
+                       progress=progress, require_tokenizer=True)
 
 
 def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
@@ -138,10 +227,12 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
             and commit (or by path and file times); float32 where there is no Metal.
         revision: Hub branch, tag or commit.
         lazy: leave weights on disk until first use.
+    Where MLX has no Metal, floating parameters are cast to float32 in memory
+    (see load_converted); the directory on disk is left as it is.
     Returns:
         ``(model, tokenizer)``: an mlx-lm compatible model and mlx-lm's
         TokenizerWrapper, ready for ``mlx_lm.generate`` / ``stream_generate``.
     """
     path = resolve_converted(path_or_repo, revision, progress)
-    model, config = load_converted(path, lazy)
+    model, config = load_converted(path, lazy, float32_on_cpu=True)
     return model, load_tokenizer(path, config.get("eos_token_id"))

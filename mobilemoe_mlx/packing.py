@@ -63,7 +63,8 @@ def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype,
         error = mx.abs(restored - w32).max()
         mx.eval(q, scales, biases, error)
         parts.append((q, scales, biases))
-        max_error = max(max_error, error.item())
+        # max(0.0, nan) is 0.0: a NaN must stay visible, not vanish into the maximum.
+        max_error = float(mx.maximum(mx.array(max_error), error).item())
     weight, scales, biases = (
         mx.concatenate([p[i] for p in parts]).reshape(*lead, -1) for i in range(3))
     return weight, scales, biases, max_error

@@ -1,23 +1,52 @@
-"""convert.py on bad input: one clear line, exit code 2, nothing left at --out."""
+"""convert.py on bad input: one clear line, exit code 2, nothing left at --out.
 
+The CLI runs in-process (click's CliRunner) so these stay fast; the few tests
+marked e2e run it as a real process."""
+
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from click.testing import CliRunner
 
 from mobilemoe_mlx.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
+convert_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_cli)
 
 
-def run_convert(*args, env=None):
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_convert(*args) -> Result:
+    """convert.py's main in this process, as the shell would run it."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(convert_cli.main, [str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # run_cli installs its own
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def run_convert_process(*args, env=None, cwd=REPO):
     return subprocess.run(
         [sys.executable, str(REPO / "convert.py"), *map(str, args)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True, text=True, cwd=cwd, timeout=300,
         env={**os.environ, **(env or {})},
     )
 
@@ -57,7 +86,9 @@ def variant(src: Path, dst: Path, config_changes=None, tensor_changes=None) -> P
     return dst
 
 
+@pytest.mark.e2e
 def test_converts_and_refuses_to_overwrite_without_force(good_qat, tmp_path):
+    run_convert = run_convert_process
     out = tmp_path / "out"
     first = run_convert(good_qat, "--out", out, "--dtype", "float32")
     assert first.returncode == 0, first.stderr
@@ -159,11 +190,13 @@ def test_missing_source(tmp_path):
                          "neither an existing path nor a Hub repo id")
 
 
+@pytest.mark.e2e
 def test_offline_hub_fetch(tmp_path):
-    # This machine reaches no Hub, and HF_HUB_OFFLINE makes that certain elsewhere.
+    # This machine reaches no Hub, and HF_HUB_OFFLINE makes that certain elsewhere
+    # (huggingface_hub reads it at import, hence a process of its own).
     out = tmp_path / "out"
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = run_convert("facebook/MobileMoE-S-QAT", "--out", out, env=env)
+    result = run_convert_process("facebook/MobileMoE-S-QAT", "--out", out, env=env)
     assert_clean_failure(result, out, "Hugging Face Hub is unreachable", "local checkpoint path")
 
 
@@ -223,10 +256,9 @@ def test_force_never_replaces_an_unrelated_directory(good_qat, tmp_path):
     assert (out / "holiday.jpg").read_bytes() == b"not a model"
 
 
-def test_current_directory_as_out(good_qat, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "convert.py"), str(good_qat), "--out", ".", "--force"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+def test_current_directory_as_out(good_qat, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_convert(good_qat, "--out", ".", "--force")
     assert result.returncode == 2 and "current directory" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -242,13 +274,17 @@ def test_garbage_pickle(good_qat, tmp_path):
 
 def test_stale_partial_output_of_a_killed_run_is_swept(good_qat, tmp_path):
     out = tmp_path / "out"
-    stale = tmp_path / ".out.partial-999999999"  # no such process
+    stale = tmp_path / ".out.partial-999999999"  # what a killed run leaves, marker and all
     stale.mkdir()
+    (stale / ".mobilemoe-mlx-partial").write_text(json.dumps(
+        {"signature": "mobilemoe-mlx temporary output", "host": os.uname().nodename,
+         "pid": 999999999}))  # no such process
     (stale / "model.safetensors").write_bytes(b"half")
     assert run_convert(good_qat, "--out", out).returncode == 0
     assert not stale.exists() and out.is_dir()
 
 
+@pytest.mark.e2e
 def test_sigterm_removes_the_partial_output(tmp_path):
     # run_cli turns SIGTERM into SystemExit, which the atomic writer unwinds.
     script = (

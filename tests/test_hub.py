@@ -16,6 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# huggingface_hub reads HF_ENDPOINT at import: each case needs a process of its own.
+pytestmark = pytest.mark.e2e
+
 ANSWERS = {
     "gated": (403, "GatedRepo", "Access to model facebook/MobileMoE-S-QAT is restricted."),
     "unknown": (401, "RepoNotFound", "Repository Not Found for url."),
