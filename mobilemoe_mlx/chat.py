@@ -78,7 +78,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     for token in STOP_TOKENS:
         if token in vocab:
             tokenizer.add_eos_token(token)
-    # `SELECT ?s` must not come out as `SELECT?s` (spec section 3).
+    # `SELECT ?s` must not come out as `SELECT?s` (docs/architecture.md section 3).
     tokenizer._tokenizer.clean_up_tokenization_spaces = False
     # The session measures prompts against the context itself; transformers' warning
     # about encoding more than model_max_length tokens would only be a stray stderr line.

@@ -40,7 +40,7 @@ _COMMON = {
     "eos_token_id": [128001, 128008, 128009],
 }
 
-# Shapes from the spec's table; M is the spec's estimate (see section 1).
+# Shapes from docs/architecture.md section 1; M's row is an estimate.
 _SHAPES = {
     "S": dict(num_hidden_layers=20, hidden_size=768, num_attention_heads=12,
               intermediate_size=384, intermediate_size_mlp=1536),
@@ -79,7 +79,7 @@ _REQUIRED = (
     "num_local_experts", "num_experts_per_tok",
 )
 
-# Settings the spec fixes; any other value would need a computation we do not do.
+# Settings docs/architecture.md section 3 fixes; any other value would need a computation we do not do.
 _FIXED = {
     "hidden_act": "silu",
     "interleave_moe_layer_step": 1,
@@ -166,7 +166,7 @@ def check_qat_block(block: Any) -> int:
 
 
 def validate_config(config: Any) -> None:
-    """Raise UserError unless `config` describes the model the spec describes."""
+    """Raise UserError unless `config` describes the model docs/architecture.md describes."""
     if not isinstance(config, dict):
         raise UserError("config.json is not a JSON object")
     if config.get("model_type") != "mobilemoe":

@@ -1,14 +1,14 @@
 """A MobileLLM-Pro-shaped dense model: the paper's baseline, for the benchmark.
 
 MobileMoE's speed claims compare MobileMoE-S with the dense MobileLLM-Pro
-(facebook/MobileLLM-Pro) at comparable INT4 weight memory (spec section 4).
+(facebook/MobileLLM-Pro) at comparable INT4 weight memory (docs/architecture.md section 4).
 This file gives that baseline in MLX with the same conventions and the same
 kernels as `model.py`: the mlx-lm model protocol (``Model(args)``,
 ``model(inputs, cache) -> logits``, ``layers``, ``make_cache``), the same
 attention (GQA, RoPE, QK-norm without scale), SwiGLU, tied embeddings, INT4
 group-32 weights through ``nn.quantize``.
 
-Local:global attention is 3:1 (spec section 4, the contract here): three
+Local:global attention is 3:1 (docs/architecture.md section 4, the contract here): three
 layers attend over a 512-token sliding window, the fourth over the whole
 context (layers 3, 7, ..., 27 global: 7 global / 23 local of 30). Local layers
 keep their keys and values in mlx-lm's ``RotatingKVCache`` (512 slots), so
@@ -21,7 +21,7 @@ overrides the default pattern, so either can be benchmarked.
 
 Only the shape matters for speed and memory; the weights are random unless a
 checkpoint is converted for it (no converter is provided). Heads 20 / KV 4 and
-the 202,048-token vocabulary are the spec's estimates (about 1.08B params).
+the 202,048-token vocabulary are estimates (about 1.08B params; docs/architecture.md section 4).
 
 Shape legend: B = batch, L = tokens, D = hidden, H = heads, Hkv = KV heads,
 F = FFN width, W = sliding window.
@@ -43,12 +43,12 @@ LOCAL, GLOBAL = "sliding_attention", "full_attention"
 @dataclass
 class ModelArgs(BaseModelArgs):
     model_type: str = "mobilellm_pro"
-    vocab_size: int = 202048  # Llama-4 tokenizer (spec estimate)
+    vocab_size: int = 202048  # Llama-4 tokenizer (estimate, docs/architecture.md section 4)
     hidden_size: int = 1280
     intermediate_size: int = 6144  # SwiGLU width
     num_hidden_layers: int = 30
-    num_attention_heads: int = 20  # spec estimate
-    num_key_value_heads: int = 4  # spec estimate
+    num_attention_heads: int = 20  # estimate, docs/architecture.md section 4
+    num_key_value_heads: int = 4  # estimate, docs/architecture.md section 4
     head_dim: int = 64
     sliding_window: int = 512
     # Every `global_every`-th layer attends globally; the others are local (3:1).
@@ -71,7 +71,7 @@ class ModelArgs(BaseModelArgs):
 
 
 def pro_config() -> Dict[str, Any]:
-    """The MobileLLM-Pro shape of spec section 4 as a config dict."""
+    """The MobileLLM-Pro shape of docs/architecture.md section 4 as a config dict."""
     args = ModelArgs()
     return {
         "model_type": args.model_type,

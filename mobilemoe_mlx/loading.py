@@ -31,7 +31,7 @@ def load_tokenizer(path: Path, eos_token_ids=None):
     """mlx-lm's tokenizer wrapper for a converted directory.
 
     An empty transformers config is handed in so transformers never parses the
-    model's own config.json (transformers 5 cannot, see spec section 3)."""
+    model's own config.json (transformers 5 cannot, see docs/architecture.md section 6)."""
     if not (path / "tokenizer.json").exists():
         raise UserError(
             f"{path} has no tokenizer.json; copy the checkpoint's tokenizer files there"

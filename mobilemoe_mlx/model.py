@@ -1,7 +1,7 @@
 """MobileMoE in MLX.
 
 References: "MobileMoE: Scaling On-Device Mixture of Experts" (Meta, 2026) and
-docs/mobilemoe-spec.md section 2, which gives the exact computation this file
+docs/architecture.md section 2, which gives the exact computation this file
 implements. It follows mlx-lm's model protocol (``Model(args)``,
 ``model(inputs, cache) -> logits``, ``layers``, ``sanitize``) so mlx-lm's
 generation, caches, sampling and server run it unchanged.

@@ -1,6 +1,6 @@
 """INT4 formats: the released QAT packing and MLX's affine quantization.
 
-Released QAT tensors (spec section 3): value = q * scale, q in [-8, 7], groups
+Released QAT tensors (docs/architecture.md section 3): value = q * scale, q in [-8, 7], groups
 of 32 along the last axis, two's-complement nibbles, two per byte, the even
 index in the low nibble. MLX's affine format stores w = scale * u + bias with
 u in [0, 15], eight nibbles per little-endian uint32, element 0 lowest.

@@ -1,6 +1,6 @@
 """Writers of tiny MobileMoE checkpoints in the *released* layouts.
 
-The tensor names are written out here from the table in docs/mobilemoe-spec.md
+The tensor names are written out here from the table in docs/architecture.md
 section 3, on purpose without importing mobilemoe_mlx.layout: these files are
 an independent check of the converter's name table.
 

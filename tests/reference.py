@@ -1,6 +1,6 @@
-"""An independent NumPy float64 MobileMoE, written from docs/mobilemoe-spec.md
+"""An independent NumPy float64 MobileMoE, written from docs/architecture.md
 section 2 alone (it imports nothing from mobilemoe_mlx), plus NumPy helpers for
-the released QAT INT4 packing (spec section 3).
+the released QAT INT4 packing (docs/architecture.md section 3).
 
 Weights are plain float64 arrays under the bf16 checkpoint's names:
 ``model.embed_tokens.weight`` [V, d], ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``
@@ -10,7 +10,7 @@ Weights are plain float64 arrays under the bf16 checkpoint's names:
 ``model.norm.weight``.
 
 ``forward(..., variant=...)`` can also compute deliberately *wrong* models
-(a plausible misreading of one line of the spec each). The tests use them to
+(a plausible misreading of one line of docs/architecture.md each). The tests use them to
 show that the tolerances they apply actually distinguish each detail.
 """
 
@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-# Plausible misreadings of the spec; each must be told apart by the tests.
+# Plausible misreadings of docs/architecture.md; each must be told apart by the tests.
 VARIANTS = (
     "rope_half_split",        # rotate (i, i + hd/2) instead of interleaved (2i, 2i+1)
     "rope_no_llama3_scaling",  # ignore rope_scaling
@@ -193,7 +193,7 @@ def forward(w: Dict[str, np.ndarray], config: dict, tokens, variant: Optional[st
     return h @ emb.T
 
 
-# --- released QAT INT4 format (spec section 3), independent of mobilemoe_mlx.packing ---
+# --- released QAT INT4 format (docs/architecture.md section 3), independent of mobilemoe_mlx.packing ---
 
 QAT_GROUP = 32
 

@@ -1,5 +1,5 @@
 """The converted MLX model against an independent NumPy float64 reference
-(tests/reference.py, written from the spec alone) on tiny checkpoints in every
+(tests/reference.py, written from docs/architecture.md alone) on tiny checkpoints in every
 released layout.
 
 Bounds: cosine >= 0.99999 and max|a - b| / max|b| <= 1e-4 where the MLX
@@ -62,7 +62,7 @@ def plain_paths(config: dict):
     return out
 
 
-# --- the reference's own INT4 helpers, against the spec's byte layout ---
+# --- the reference's own INT4 helpers, against docs/architecture.md's byte layout ---
 
 def test_reference_int4_packing_follows_the_spec():
     # even index in the low nibble, two's complement: (1, -1) -> 0xF1, (-8, 7) -> 0x78
