@@ -6,7 +6,7 @@
 The command itself lives in mobilemoe_mlx/chat_cli.py; `python chat.py -h` lists its options.
 """
 
-from mobilemoe_mlx.chat_cli import cli
+from mobilemoe_mlx.chat_cli import main
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from mobilemoe_mlx.errors import UserError, run_cli
+from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
 from .harness import Settings
@@ -44,7 +44,7 @@ def _ints(text: str, option: str):
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=HELP)
+@click.group(cls=OneLineGroup, context_settings=HELP)
 def main():
     """MobileMoE benchmarks: run, report, plan."""
 

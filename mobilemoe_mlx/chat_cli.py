@@ -8,12 +8,11 @@
 """
 
 import math
-import sys
 
 import click
 
 from .chat_options import MIN_KV_SIZE, SEED_MAX
-from .errors import run_cli
+from .errors import OneLineCommand, run_cli
 
 
 class Finite(click.FloatRange):
@@ -27,20 +26,7 @@ class Finite(click.FloatRange):
         return number
 
 
-class OneLineErrors(click.Command):
-    """click's usage errors as one line and exit code 2, like every other error."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
-            sys.exit(2)
-        except click.Abort:
-            sys.exit(130)
-
-
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", default="S", show_default=True,
               help="S, M or L (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
                    "directory or weights file, or a converted MLX directory.")
@@ -85,7 +71,3 @@ def main(verbose, kv_bits, **options):
 
     kv_bits = int(kv_bits) if kv_bits else None
     run_cli(lambda: chat(kv_bits=kv_bits, **options), verbose)
-
-
-def cli() -> None:
-    main()

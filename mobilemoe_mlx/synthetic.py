@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import preset_config
-from .errors import UserError, run_cli
+from .errors import OneLineCommand, UserError, run_cli
 from .layout import (
     BIAS,
     EMBEDDING,
@@ -201,11 +201,12 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
     return out_path
 
 
-@click.command()
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", default="tiny", show_default=True, help="S, M, L or tiny.")
-@click.option("--layout", default=QAT, show_default=True, type=click.Choice([QAT, FUSED]))
+@click.option("--layout", default=QAT, show_default=True, type=click.Choice([QAT, FUSED]),
+              help="The released layout: qat (packed INT4, as the QAT release) or bf16.")
 @click.option("--out", required=True, help="Directory to create.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(preset, layout, out, seed, force, verbose):

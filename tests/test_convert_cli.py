@@ -3,7 +3,6 @@
 The CLI runs in-process (click's CliRunner) so these stay fast; the few tests
 marked e2e run it as a real process."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,12 +15,10 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
+from mobilemoe_mlx import convert_cli
 from mobilemoe_mlx.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
-convert_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_cli)
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Result:
 
 
 def run_convert(*args) -> Result:
-    """convert.py's main in this process, as the shell would run it."""
+    """convert.py's command (mobilemoe_mlx/convert_cli.py) in this process, as the shell would run it."""
     handler = signal.getsignal(signal.SIGTERM)
     try:
         result = CliRunner().invoke(convert_cli.main, [str(a) for a in args])
