@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
@@ -24,9 +25,9 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_quant(bits: int, group_size: int) -> None:
-    from .models import BITS, GROUP_SIZES
+    from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS
 
-    _check(bits in BITS, f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+    _check(bits in MLX_BITS, f"--bits must be one of {', '.join(map(str, MLX_BITS))}, not {bits}")
     _check(group_size in GROUP_SIZES, "--group-size must be one of "
            f"{', '.join(map(str, GROUP_SIZES))} (MLX's affine quantization), not {group_size}")
 
@@ -66,7 +67,7 @@ def main():
               "instead of synthetic weights (for the one MoE model in --models).")
 @click.option("--out", default="results", show_default=True, help="Output directory.")
 @click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Activation and KV dtype. [default: float16 on Metal, float32 on CPU]")
 @click.option("--bits", type=int, default=4, show_default=True,
               help="Synthetic weight bits (2, 3, 4, 5, 6 or 8).")
@@ -158,7 +159,7 @@ def report(run_dir, other, no_plots, verbose):
 @click.option("--group-size", type=int, default=32, show_default=True,
               help="Weight group size (32, 64 or 128).")
 @click.option("--budget-gb", type=float, multiple=True, help="Extra budgets to check.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Activation and KV dtype. [default: what runs here: float16 on Metal, "
                    "float32 on CPU]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

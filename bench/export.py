@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mobilemoe_mlx import analytic
+from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import UserError, run_cli
 
 from .harness import Settings
@@ -279,7 +280,7 @@ def export_prompts(model_dir, out, name, force, verbose, **opts):
 @click.option("--model", "name", default="pro", show_default=True,
               help="pro, pro-tiny, S, M, L or tiny.")
 @click.option("--out", required=True, type=click.Path(), help="Directory to create.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               default="float16", show_default=True, help="Activation dtype (Metal: float16).")
 @click.option("--bits", type=int, default=4, show_default=True,
               help="Weight bits (2, 3, 4, 5, 6 or 8).")

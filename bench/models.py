@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mobilemoe_mlx import analytic
-from mobilemoe_mlx.config import PRESETS, preset_config
+from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS, PRESETS, preset_config
+from mobilemoe_mlx.convert import DTYPES
 from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.synthetic import level_scale, random_packed_weight
 
@@ -29,9 +30,6 @@ DENSE_NAMES = ("pro", "pro-tiny")
 PEER_PREFIX = "glm4-"
 PEER_NAMES = tuple(PEER_PREFIX + p for p in PRESETS)
 MODEL_NAMES = (*PRESETS, *DENSE_NAMES, *PEER_NAMES)
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization supports
-GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -244,8 +242,8 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
 
 def check_quantizable(name: str, bits: int, group_size: int) -> None:
     """A one-line UserError unless MLX can quantize preset `name` at bits/group_size."""
-    if bits not in BITS:
-        raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+    if bits not in MLX_BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, MLX_BITS))}, not {bits}")
     if group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                         f"not {group_size}")

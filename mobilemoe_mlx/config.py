@@ -9,6 +9,12 @@ from typing import Any, Dict
 
 from .errors import UserError
 
+# Storage choices, defined once for the converter, the loader and the benchmark.
+DTYPE_NAMES = ("float16", "bfloat16", "float32")  # floating dtypes a model can be stored in
+GROUP_SIZES = (32, 64, 128)  # quantization group sizes MLX's affine kernels take
+CONVERT_BITS = (4, 8)  # what the converter quantizes to
+MLX_BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization supports (bench's synthetic weights)
+
 _COMMON = {
     "model_type": "mobilemoe",
     "architectures": ["MobileMoEForCausalLM"],
@@ -160,8 +166,9 @@ def check_qat_block(block: Any) -> int:
         if key in block and not str(block[key]).startswith(axis):
             raise UserError(f"config.json's quantization block groups {key} along "
                             f"{block[key]!r}; the released layout groups along {axis!r}")
-    if group not in (32, 64, 128):
-        raise UserError(f"config.json's quantization group_size {group!r} is not 32, 64 or 128")
+    if group not in GROUP_SIZES:
+        raise UserError(f"config.json's quantization group_size {group!r} is not "
+                        f"{', '.join(map(str, GROUP_SIZES))}")
     return group
 
 

@@ -22,7 +22,15 @@ import mlx.core as mx
 from . import packing
 from ._version import __version__
 from .checkpoint import TensorSource, open_checkpoint, read_text
-from .config import check_config_fits, check_qat_block, rope_block, validate_config
+from .config import (
+    CONVERT_BITS,
+    DTYPE_NAMES,
+    GROUP_SIZES,
+    check_config_fits,
+    check_qat_block,
+    rope_block,
+    validate_config,
+)
 from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
@@ -43,7 +51,7 @@ from .output_dir import atomic_output_dir, check_not_overlapping, check_output_d
 from .safetensors_writer import Group, write_model
 
 MODEL_FILE = "mobilemoe.py"
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 DEFAULT_MAX_SHARD_BYTES = 4 << 30  # mlx-lm's loaders are happy with a few GB a file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -139,11 +147,15 @@ class _Converter:
         return load(roles["weight"].name)
 
 
+def _one_of(choices) -> str:
+    return ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"
+
+
 def _check_group_size(weights: List[Weight], group_size: int, bits: int) -> None:
-    if group_size not in (32, 64, 128):
-        raise UserError(f"--q-group-size must be 32, 64 or 128, not {group_size}")
-    if bits not in (4, 8):
-        raise UserError(f"--q-bits must be 4 or 8, not {bits}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--q-group-size must be {_one_of(GROUP_SIZES)}, not {group_size}")
+    if bits not in CONVERT_BITS:
+        raise UserError(f"--q-bits must be {_one_of(CONVERT_BITS)}, not {bits}")
     for w in weights:
         if w.kind in QUANTIZABLE and w.shape[-1] % group_size:
             raise UserError(
