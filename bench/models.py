@@ -89,7 +89,7 @@ def describe_storage(bits, group_size, dtype: str) -> str:
 
 def tiny_pro_config() -> dict:
     """A dense config small enough for tests, with a 3:1 local:global pattern."""
-    from mobilemoe_mlx.dense import pro_config
+    from .dense import pro_config
 
     cfg = pro_config()
     cfg.update(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
@@ -128,7 +128,7 @@ def model_config(name: str) -> dict:
 
     A peer's config is its MobileMoE preset's (so the analytic counts apply:
     same shapes) with the glm4_moe arguments under `peer`."""
-    from mobilemoe_mlx.dense import pro_config
+    from .dense import pro_config
 
     if name.startswith(PEER_PREFIX) and name[len(PEER_PREFIX):] in PRESETS:
         config = preset_config(name[len(PEER_PREFIX):])
@@ -157,7 +157,7 @@ def model_class(config: dict):
     elif family(config) == "moe":
         from mobilemoe_mlx.model import Model, ModelArgs
     else:
-        from mobilemoe_mlx.dense import Model, ModelArgs
+        from .dense import Model, ModelArgs
     return Model, ModelArgs
 
 

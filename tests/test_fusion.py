@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
-from mobilemoe_mlx import dense
+from bench import dense
 from mobilemoe_mlx import model as moe
 
 

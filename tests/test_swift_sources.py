@@ -277,8 +277,8 @@ def test_swift_router_is_never_quantized(qat_int4):
 
 def dense_python_names(config: dict) -> Set[str]:
     """dense.py's model quantized as the benchmark quantizes it (router excepted)."""
+    from bench.dense import Model, ModelArgs
     from bench.models import _not_router
-    from mobilemoe_mlx.dense import Model, ModelArgs
 
     model = Model(ModelArgs.from_dict(config))
     nn.quantize(model, group_size=32, bits=4, class_predicate=_not_router)
@@ -287,8 +287,8 @@ def dense_python_names(config: dict) -> Set[str]:
 
 @pytest.mark.parametrize("quantized", [True, False])
 def test_swift_dense_parameters_equal_dense_py(quantized):
+    from bench.dense import Model, ModelArgs
     from bench.models import tiny_pro_config
-    from mobilemoe_mlx.dense import Model, ModelArgs
 
     config = tiny_pro_config()
     if quantized:

@@ -1,5 +1,5 @@
 // The dense baseline of the paper's speed comparisons: a MobileLLM-Pro-shaped
-// model, as mobilemoe_mlx/dense.py defines it (`model_type` "mobilellm_pro").
+// model, as bench/dense.py defines it (`model_type` "mobilellm_pro").
 // Same attention as MobileMoE (GQA, interleaved RoPE, weightless QK-norm), a
 // SwiGLU MLP, tied embeddings. Local:global attention 3:1: local layers attend
 // over a 512-token sliding window and keep a rotating 512-slot cache; the

@@ -35,7 +35,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from .model import MLP, Attention
+from mobilemoe_mlx.model import MLP, Attention
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
