@@ -9,37 +9,16 @@ from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
-from .harness import Settings
+from .options import FULL, QUICK, check, protocol_settings
 from .tokens import KINDS
-
-QUICK = dict(models="tiny,pro-tiny", prompt_lengths="16,32", decode_contexts="16,48",
-             gen_tokens=4, repeats=2, warmup=1, routing_tokens=32)
-FULL = dict(models="S,pro", prompt_lengths="512,1024,2048,4096,8192",
-            decode_contexts="256,1024,4096,8192", gen_tokens=128, repeats=5, warmup=1,
-            routing_tokens=1024)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 def _check_quant(bits: int, group_size: int) -> None:
     from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS
 
-    _check(bits in MLX_BITS, f"--bits must be one of {', '.join(map(str, MLX_BITS))}, not {bits}")
-    _check(group_size in GROUP_SIZES, "--group-size must be one of "
+    check(bits in MLX_BITS, f"--bits must be one of {', '.join(map(str, MLX_BITS))}, not {bits}")
+    check(group_size in GROUP_SIZES, "--group-size must be one of "
            f"{', '.join(map(str, GROUP_SIZES))} (MLX's affine quantization), not {group_size}")
-
-
-def _ints(text: str, option: str):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{option} needs positive integers, got {text!r}")
-    return values
 
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -91,30 +70,17 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
 
         from .run import run_benchmark
 
-        d = QUICK if quick else FULL
-        pick = {k: v for k, v in dict(
-            models=models, prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
-            gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-            routing_tokens=routing_tokens).items() if v is not None}
-        opts = {**d, **pick}
-        _check(opts["repeats"] >= 1, f"--repeats must be at least 1, not {opts['repeats']}")
-        _check(opts["gen_tokens"] >= 1,
-               f"--gen-tokens must be at least 1, not {opts['gen_tokens']}")
-        _check(opts["warmup"] >= 0, f"--warmup must be 0 or more, not {opts['warmup']}")
-        _check(opts["routing_tokens"] >= 0,
-               f"--routing-tokens must be 0 (skip) or more, not {opts['routing_tokens']}")
-        _check(prefill_step >= 1, f"--prefill-step must be at least 1, not {prefill_step}")
-        _check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
-               f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
+        s = protocol_settings(
+            dict(prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
+                 gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                 routing_tokens=routing_tokens), quick, prefill_step,
+            prompts=prompts, dtype=dtype or runtime_dtype(), bits=bits, group_size=group_size,
+            seed=seed, bandwidth_gbps=bandwidth)
+        check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
+              f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
         _check_quant(bits, group_size)
-        s = Settings(
-            prompt_lengths=_ints(opts["prompt_lengths"], "--prompt-lengths"),
-            decode_contexts=_ints(opts["decode_contexts"], "--decode-contexts"),
-            gen_tokens=opts["gen_tokens"], repeats=opts["repeats"], warmup=opts["warmup"],
-            prompts=prompts, prefill_step=prefill_step, routing_tokens=opts["routing_tokens"],
-            dtype=dtype or runtime_dtype(), bits=bits,
-            group_size=group_size, seed=seed, bandwidth_gbps=bandwidth)
-        names = [m.strip() for m in opts["models"].split(",") if m.strip()]
+        names = [m.strip() for m in (models or (QUICK if quick else FULL)["models"]).split(",")
+                 if m.strip()]
         if not names:
             raise UserError("--models names no model")
         try:
@@ -174,13 +140,13 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
 
         from .models import config_for
 
-        _check(context >= 1, f"--context must be at least 1, not {context}")
+        check(context >= 1, f"--context must be at least 1, not {context}")
         _check_quant(bits, group_size)
-        _check(all(math.isfinite(b) and b > 0 for b in budget_gb),
+        check(all(math.isfinite(b) and b > 0 for b in budget_gb),
                "--budget-gb must be a positive number of GB")
         config = config_for(model)
         longest = config.get("max_position_embeddings")
-        _check(not isinstance(longest, int) or context <= longest,
+        check(not isinstance(longest, int) or context <= longest,
                f"--context {context} is longer than {model}'s context of {longest} tokens: "
                f"plan for {longest} or fewer")
         budgets = {**PHONE_BUDGETS, "this machine's RAM": machine_ram()}

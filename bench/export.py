@@ -30,6 +30,7 @@ from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import UserError, run_cli
 
 from .harness import Settings
+from .options import protocol_settings
 from .tokens import KINDS, prompt_tokens
 
 PLAN_FORMAT = "mobilemoe-bench/plan"
@@ -219,35 +220,13 @@ def _protocol(f):
     return f
 
 
-def _ints(text: str, option: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{option} needs positive integers, got {text!r}")
-    return values
-
-
 def settings_from(opts: dict, dtype: str = "float16") -> Settings:
-    from .cli import QUICK
-
-    base = QUICK if opts.pop("quick") else {}
-    s = Settings(dtype=dtype, prompts=opts["prompts"], prefill_step=opts["prefill_step"],
-                 seed=opts["seed"])
-    for key in ("gen_tokens", "repeats", "warmup", "routing_tokens"):
-        value = opts[key] if opts[key] is not None else base.get(key, getattr(s, key))
-        setattr(s, key, value)
-    for key in ("prompt_lengths", "decode_contexts"):
-        text = opts[key] if opts[key] is not None else base.get(key)
-        if text is not None:
-            setattr(s, key, _ints(text, "--" + key.replace("_", "-")))
-    if s.repeats < 1 or s.gen_tokens < 1 or s.warmup < 0 or s.routing_tokens < 0:
-        raise UserError("--repeats and --gen-tokens must be at least 1, --warmup and "
-                        "--routing-tokens 0 or more")
-    if s.prefill_step < 1:
-        raise UserError(f"--prefill-step must be at least 1, not {s.prefill_step}")
-    return s
+    """Settings from the protocol options (_protocol), as `bench run` reads them."""
+    protocol = ("prompt_lengths", "decode_contexts", "gen_tokens", "repeats", "warmup",
+                "routing_tokens")
+    return protocol_settings({k: opts[k] for k in protocol}, opts.pop("quick"),
+                             opts["prefill_step"], dtype=dtype, prompts=opts["prompts"],
+                             seed=opts["seed"])
 
 
 @click.command("export-prompts")

@@ -12,8 +12,9 @@ import reference as ref
 from click.testing import CliRunner
 from test_swift_sources import dense_python_names, model_tree
 
-from bench.cli import QUICK, main
+from bench.cli import main
 from bench.models import tiny_pro_config
+from bench.options import QUICK
 from bench.tokens import real_text
 
 
