@@ -7,6 +7,7 @@ weights for tests and benchmarks); a real config.json always wins.
 import copy
 from typing import Any, Dict
 
+from . import analytic
 from .errors import UserError
 
 # Storage choices, defined once for the converter, the loader and the benchmark.
@@ -201,25 +202,13 @@ def validate_config(config: Any) -> None:
         raise UserError("config.json's attention heads are not a multiple of its KV heads")
 
 
-def implied_parameters(config: Dict[str, Any]) -> int:
-    """How many parameters a (validated) config's shapes describe, from
-    arithmetic alone, so an absurd config is refused before anything is built."""
-    d, v = config["hidden_size"], config["vocab_size"]
-    hd = config.get("head_dim") or d // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    e, i, s = (config["num_local_experts"], config["intermediate_size"],
-               config["intermediate_size_mlp"])
-    per_layer = 2 * d + 2 * q * d + 2 * kv * d + e * d + e + 3 * e * d * i + 3 * s * d
-    return v * d + config["num_hidden_layers"] * per_layer + d
-
-
 def check_config_fits(config: Dict[str, Any], stored_bytes: int, where: str) -> None:
     """Refuse a config whose shapes need more bytes than the weights hold.
 
     Every parameter takes at least half a byte (INT4), so a config implying
     more than twice as many parameters as there are bytes cannot belong to
     these weights (say, num_hidden_layers edited to a million)."""
-    params = implied_parameters(config)
+    params = analytic.param_counts(config)["total"]  # arithmetic alone: nothing is built
     if params // 2 > stored_bytes + stored_bytes // 64 + 4096:
         raise UserError(
             f"config.json describes {params:,} parameters ({config['num_hidden_layers']} "
