@@ -58,6 +58,14 @@ def _strip_prefixes(name: str) -> str:
 MAX_HEADER_BYTES = 100_000_000
 
 
+class CorruptSafetensors(UserError):
+    """A damaged safetensors file; `problem` says what is wrong, without the advice."""
+
+    def __init__(self, problem: str, advice: str = "download it again"):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+
+
 def _unique_keys(pairs):
     seen = {}
     for key, value in pairs:
@@ -74,8 +82,8 @@ def _is_int(value) -> bool:
 def _entry(path: Path, name: str, meta) -> Tuple[TensorInfo, int, int]:
     """One header entry, checked the way the safetensors library checks it."""
     def bad(what: str) -> UserError:
-        return UserError(f"{path}: the header entry of tensor {name} {what}; "
-                         "the file is corrupt, download or convert it again")
+        return CorruptSafetensors(f"{path}: the header entry of tensor {name} {what}",
+                                  "the file is corrupt, download or convert it again")
 
     if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
         raise bad("must hold exactly dtype, shape and data_offsets")
@@ -104,7 +112,7 @@ def read_safetensors_header(path: Path) -> Dict[str, TensorInfo]:
     offsets that tile the data section exactly), so a damaged file is refused
     before anything is converted instead of becoming a wrong model."""
     def corrupt(why: str) -> UserError:
-        return UserError(f"{path} is not a valid safetensors file ({why}); download it again")
+        return CorruptSafetensors(f"{path} is not a valid safetensors file ({why})")
 
     try:
         size = path.stat().st_size
@@ -142,8 +150,8 @@ def read_safetensors_header(path: Path) -> Dict[str, TensorInfo]:
                           f"one ends ({end}): the offsets overlap or leave a gap")
         end = stop
     if end > data:
-        raise UserError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}); "
-                        "download it again")
+        raise CorruptSafetensors(f"{path} is truncated ({size} bytes, its header needs "
+                                 f"{8 + n + end})")
     if end < data:
         raise corrupt(f"{data - end} bytes after the last tensor")
     return tensors

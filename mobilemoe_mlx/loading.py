@@ -10,7 +10,13 @@ from typing import Iterator, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import WEIGHT_SUFFIXES, read_config, read_safetensors_header, tensor_bytes
+from .checkpoint import (
+    WEIGHT_SUFFIXES,
+    CorruptSafetensors,
+    read_config,
+    read_safetensors_header,
+    tensor_bytes,
+)
 from .config import check_config_fits, validate_config
 from .convert import convert, is_converted  # noqa: F401 - is_converted is public here too
 from .errors import UserError
@@ -54,7 +60,7 @@ def check_converted_weights(path: Path) -> int:
         try:
             infos = read_safetensors_header(f)
         except UserError as e:
-            what = str(e).split("; download")[0].split("; the file is corrupt")[0]
+            what = e.problem if isinstance(e, CorruptSafetensors) else str(e)
             raise DamagedConversion(
                 f"the converted model in {path} is damaged ({what}); convert the checkpoint "
                 "again with --force to replace it") from e
