@@ -47,7 +47,7 @@ def main():
 @click.option("--out", default="results", show_default=True, help="Output directory.")
 @click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
-              help="Activation and KV dtype. [default: float16 on Metal, float32 on CPU]")
+              help="Activation and KV dtype. [default: float16 on a GPU (Metal, CUDA), float32 on CPU]")
 @click.option("--bits", type=int, default=4, show_default=True,
               help="Synthetic weight bits (2, 3, 4, 5, 6 or 8).")
 @click.option("--group-size", type=int, default=32, show_default=True,
@@ -66,7 +66,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         seed, no_plots, no_progress, verbose):
     """Measure prefill, decode and memory; write results.json, report.md, plots."""
     def go():
-        from mobilemoe_mlx.planner import runtime_dtype
+        from mobilemoe_mlx.runtime import current
 
         from .run import run_benchmark
 
@@ -74,7 +74,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
             dict(prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
                  gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
                  routing_tokens=routing_tokens), quick, prefill_step,
-            prompts=prompts, dtype=dtype or runtime_dtype(), bits=bits, group_size=group_size,
+            prompts=prompts, dtype=dtype or current().compute_dtype, bits=bits, group_size=group_size,
             seed=seed, bandwidth_gbps=bandwidth)
         check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
               f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
@@ -126,8 +126,7 @@ def report(run_dir, other, no_plots, verbose):
               help="Weight group size (32, 64 or 128).")
 @click.option("--budget-gb", type=float, multiple=True, help="Extra budgets to check.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
-              help="Activation and KV dtype. [default: what runs here: float16 on Metal, "
-                   "float32 on CPU]")
+              help="Activation and KV dtype. [default: float16, as MLX runs on the phone's GPU]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, verbose):
@@ -135,8 +134,9 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
     def go():
         import json
 
-        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram, runtime_dtype
+        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram
         from mobilemoe_mlx.planner import plan as make_plan
+        from mobilemoe_mlx.runtime import PHONE_DTYPE
 
         from .models import config_for
 
@@ -152,7 +152,7 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
         budgets = {**PHONE_BUDGETS, "this machine's RAM": machine_ram()}
         budgets.update({f"{b:g} GB": b * 1e9 for b in budget_gb})
         p = make_plan(config, context, kv_bits=None if kv_bits == "16" else int(kv_bits),
-                      bits=bits, group_size=group_size, dtype=dtype or runtime_dtype(),
+                      bits=bits, group_size=group_size, dtype=dtype or PHONE_DTYPE,
                       budgets=budgets)
         click.echo(json.dumps(p, indent=1) if as_json else format_plan(model, p))
 

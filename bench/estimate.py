@@ -19,6 +19,7 @@ from typing import Dict, List
 import mlx.core as mx
 
 from mobilemoe_mlx import analytic
+from mobilemoe_mlx.runtime import CPU
 
 from .harness import Settings
 
@@ -89,7 +90,7 @@ def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> float:
             "--quick, fewer or shorter --prompt-lengths and --decode-contexts, fewer --repeats "
             "or --gen-tokens shorten the run (Ctrl-C stops it and keeps what was measured)"
             + ("; float16 is slow on MLX's CPU backend: --dtype float32 is faster"
-               if backend != "Metal" and s.dtype != "float32" else ""))
+               if backend == CPU and s.dtype != "float32" else ""))
     return seconds
 
 

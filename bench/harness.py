@@ -37,6 +37,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 from mobilemoe_mlx.routing import ExpertRecorder
+from mobilemoe_mlx.runtime import current as current_runtime
 
 from .steps import decode, probe_step  # noqa: F401 - decode is public here too
 
@@ -103,13 +104,7 @@ def machine_info() -> dict:
         except OSError:
             chip = None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
-    gpu_name = None
-    if metal:
-        try:
-            gpu_name = mx.device_info().get("device_name")
-        except Exception:  # noqa: BLE001 - informational only
-            gpu_name = None
+    rt = current_runtime()
 
     def version(pkg):
         try:
@@ -118,7 +113,7 @@ def machine_info() -> dict:
             return None
 
     return {
-        "chip": gpu_name or chip or platform.processor() or platform.machine(),
+        "chip": rt.device_name or chip or platform.processor() or platform.machine(),
         "cpu": chip,
         "machine": platform.machine(),
         "os": f"{platform.system()} {platform.release()}"
@@ -128,8 +123,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "mlx": mx.__version__,
         "mlx_lm": version("mlx-lm"),
-        "backend": "Metal" if metal and mx.default_device() == mx.gpu else "CPU",
-        "default_device": str(mx.default_device()),
+        "backend": rt.backend,
+        "default_device": rt.device,
     }
 
 

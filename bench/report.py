@@ -144,9 +144,12 @@ def _header(results: dict) -> List[str]:
     if any(x["name"].endswith("tiny") for x in synthetic):
         out.append("- Tiny test models (random weights at toy shapes): a smoke test of the "
                    "harness, not a measurement of MobileMoE or MobileLLM-Pro")
-    if m["backend"] != "Metal":
+    if m["backend"] == "CPU":
         out += ["", "> **CPU backend.** MLX's CPU kernels are scalar and single-threaded: the "
                 "times below say nothing about an Apple device. Memory, bytes and FLOPs carry over."]
+    elif m["backend"] == "CUDA":
+        out += ["", "> **CUDA backend.** An NVIDIA GPU through MLX's CUDA backend: the times are "
+                "this GPU's, not an Apple device's. Memory, bytes and FLOPs carry over."]
     return out
 
 

@@ -12,6 +12,7 @@ import mlx.core as mx
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.runtime import current as current_runtime
 
 from .estimate import announce
 from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
@@ -99,9 +100,9 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
 
     save()
     m = results["machine"]
+    note = current_runtime().timing_note()
     log(f"{m['chip']}, {m['backend']} backend, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
-        + ("  (CPU timings here are not Apple figures; memory, bytes and FLOPs are)"
-           if m["backend"] != "Metal" else ""))
+        + (f"  ({note})" if note else ""))
     announce(_configs(models, weights, replaced), settings, m["backend"], log)
     bar = Progress(_work(settings, models), enabled=progress)
     try:

@@ -9,7 +9,7 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
     rss_peak_bytes              peak RSS of the whole process so far (getrusage), updated at
                                 every save: one figure for the run, since RSS is process-wide
     machine                     chip, cpu, machine, os, memory_bytes, cpu_count, python,
-                                mlx, mlx_lm, backend ("Metal" | "CPU"), default_device
+                                mlx, mlx_lm, backend ("Metal" | "CUDA" | "CPU"), default_device
     settings                    prompt_lengths, decode_contexts, gen_tokens, repeats, warmup,
                                 prompts ("real" | "random" | "repeat"), prefill_step,
                                 routing_tokens, dtype (activations and KV cache of the

@@ -48,6 +48,7 @@ from .layout import (
     source_tensors,
 )
 from .output_dir import atomic_output_dir, check_not_overlapping, check_output_dir
+from .runtime import current as current_runtime
 from .safetensors_writer import Group, write_model
 
 MODEL_FILE = "mobilemoe.py"
@@ -320,9 +321,9 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
         embed = tensors.info.get("model.embed_tokens.weight")
         dtype = {"BF16": "bfloat16", "F32": "float32"}.get(embed.dtype if embed else "", "float16")
     converter = _Converter(tensors, layout, DTYPES[dtype], quantize, q_bits, q_group_size, qat_group)
-    if not quantize and dtype != "float32" and not mx.metal.is_available():
+    if not quantize and dtype != "float32" and not current_runtime().half_precision_fast:
         print(f"warning: MLX's CPU backend runs unquantized experts only in float32; this "
-              f"{dtype} output will load only where MLX has Metal", file=sys.stderr)
+              f"{dtype} output will load only where MLX runs on a GPU", file=sys.stderr)
     if converter.carry_qat and dtype == "bfloat16":
         print("warning: bfloat16 cannot hold the checkpoint's fp16 scales exactly; "
               "use float16 or float32 to keep the weights bit-exact", file=sys.stderr)

@@ -22,6 +22,7 @@ from .convert import convert, is_converted  # noqa: F401 - is_converted is publi
 from .errors import UserError
 from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
 from .output_dir import disk_error
+from .runtime import current as current_runtime
 
 try:  # Linux and macOS; elsewhere concurrent first loads are not serialised
     import fcntl
@@ -72,12 +73,12 @@ def load_converted(path: Path, lazy: bool = False,
                    float32_on_cpu: bool = False) -> Tuple[nn.Module, dict]:
     """The model of a converted directory, through mlx-lm's own loader.
 
-    With `float32_on_cpu` (what load() asks for), where MLX has no Metal the
-    floating parameters are cast to float32 (quantized weights stay quantized;
-    their scales and biases are cast): the CPU backend runs float16 and
-    bfloat16 tens of times slower, and the directory on disk stays as portable
-    as it was converted. Without it the model keeps its stored dtypes (what
-    the benchmark measures)."""
+    With `float32_on_cpu` (what load() asks for), where MLX runs on the CPU
+    (runtime.py) the floating parameters are cast to float32 (quantized
+    weights stay quantized; their scales and biases are cast): the CPU backend
+    runs float16 and bfloat16 tens of times slower, and the directory on disk
+    stays as portable as it was converted. GPU backends (Metal, CUDA) keep the
+    stored dtypes, as does the benchmark everywhere."""
     from mlx_lm.utils import load_model
 
     from .model import Model, ModelArgs
@@ -97,7 +98,7 @@ def load_converted(path: Path, lazy: bool = False,
         more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
         raise UserError(f"{path}'s config.json does not match its weights: "
                         f"{lines[0][:300]}{more}; convert the checkpoint again") from e
-    if mx.metal.is_available():
+    if current_runtime().half_precision_fast:
         return model, config
     if float32_on_cpu:
         model.apply(_as_float32)
@@ -129,10 +130,8 @@ def _as_float32(a: mx.array) -> mx.array:
 
 def conversion_dtype() -> Optional[str]:
     """float32 where MLX runs on the CPU (its half-precision CPU kernels are
-    10-40x slower); the converter's default (float16 for QAT) on Metal."""
-    import mlx.core as mx
-
-    return None if mx.metal.is_available() else "float32"
+    10-40x slower); the converter's default (float16 for QAT) on a GPU."""
+    return None if current_runtime().half_precision_fast else "float32"
 
 
 def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
@@ -230,10 +229,10 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
             ``facebook/MobileMoE-S-QAT``. Unconverted sources are converted once
             into the cache ($MOBILEMOE_MLX_HOME, else $HF_HOME/mobilemoe-mlx,
             else $XDG_CACHE_HOME or ~/.cache, under mobilemoe-mlx), keyed by repo
-            and commit (or by path and file times); float32 where there is no Metal.
+            and commit (or by path and file times); float32 where MLX runs on the CPU.
         revision: Hub branch, tag or commit.
         lazy: leave weights on disk until first use.
-    Where MLX has no Metal, floating parameters are cast to float32 in memory
+    Where MLX runs on the CPU, floating parameters are cast to float32 in memory
     (see load_converted); the directory on disk is left as it is.
     Returns:
         ``(model, tokenizer)``: an mlx-lm compatible model and mlx-lm's

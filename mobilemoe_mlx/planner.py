@@ -25,15 +25,6 @@ PREFILL_CHUNK = 256
 PHONE_BUDGETS = {"phone app, 3 GB": 3 * GB, "phone app, 5 GB": 5 * GB}
 
 
-def runtime_dtype() -> str:
-    """The activation (and KV) dtype a model runs in here: float16 on Metal; float32
-    on MLX's CPU backend, where float16 arithmetic is many times slower."""
-    import mlx.core as mx
-
-    metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
-    return "float16" if metal and mx.default_device() == mx.gpu else "float32"
-
-
 def machine_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

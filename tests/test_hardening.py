@@ -20,6 +20,7 @@ from test_convert_cli import REPO, assert_clean_failure, run_convert
 
 from mobilemoe_mlx import convert, load, packing
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.runtime import current as current_runtime
 from mobilemoe_mlx.synthetic import write_synthetic
 
 
@@ -455,7 +456,8 @@ def test_pickle_with_code_is_refused_without_running_it(qat, tmp_path):
 
 # --- float16 directories on MLX's CPU backend ---
 
-@pytest.mark.skipif(mx.metal.is_available(), reason="Metal runs float16 at full speed")
+@pytest.mark.skipif(current_runtime().half_precision_fast,
+                    reason="GPU backends run float16 at full speed")
 @pytest.mark.parametrize("quantize", [True, False])
 def test_float16_directory_runs_in_float32_on_cpu(qat, tmp_path, quantize):
     flag = "--quantize" if quantize else "--no-quantize"

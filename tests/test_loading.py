@@ -7,6 +7,7 @@ import pytest
 
 from mobilemoe_mlx import convert, load
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.runtime import current as current_runtime
 from mobilemoe_mlx.synthetic import write_synthetic
 
 
@@ -108,7 +109,8 @@ def test_broken_converted_config_is_a_clear_error(checkpoint, tmp_path):
         load(str(out))
 
 
-@pytest.mark.skipif(mx.metal.is_available(), reason="Metal runs half-precision experts")
+@pytest.mark.skipif(current_runtime().half_precision_fast,
+                    reason="GPU backends run half-precision experts")
 def test_unquantized_half_precision_experts_run_in_float32_on_cpu(checkpoint, tmp_path):
     # MLX's CPU backend has gather_mm in float32 only: load casts instead of failing.
     out = convert(str(checkpoint), str(tmp_path / "mlx"), quantize=False, dtype="float16",
