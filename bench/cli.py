@@ -159,6 +159,46 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
     run_cli(go, verbose)
 
 
+@main.command(context_settings=HELP)
+@click.option("--model", default="tiny", show_default=True,
+              help="A converted MobileMoE directory, or a preset (S, M, L, tiny) with "
+                   "synthetic weights.")
+@click.option("--tokens", type=int, default=64, show_default=True,
+              help="Random prompt tokens compared at every position.")
+@click.option("--chunk", type=int, default=32, show_default=True,
+              help="Prefill chunk through the KV cache.")
+@click.option("--decode", type=int, default=8, show_default=True,
+              help="Last tokens fed one at a time (the decode path).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
+              help="Cast the model under test to this dtype. [default: a directory as load() "
+                   "runs it here; a preset in this backend's dtype]")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the prompt and of a preset's weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
+def parity(model, tokens, chunk, decode, dtype, seed, as_json, verbose):
+    """The model on the default device against the CPU in float32, layer by layer.
+
+    Exit code 1 when a figure is below its dtype's threshold (the first layer to
+    diverge is named), 0 when all agree."""
+    def go():
+        import json
+
+        from .parity import check_settings, compare, format_parity, models_for, random_tokens
+
+        check_settings(tokens, chunk, decode)
+        check(seed >= 0, f"--seed must be 0 or more, not {seed}")
+        under_test, reference = models_for(model, dtype, seed)
+        ids = random_tokens(under_test.args.vocab_size, tokens, seed)
+        result = compare(under_test, reference, ids, chunk, decode)
+        click.echo(json.dumps(result.to_dict(), indent=1) if as_json
+                   else format_parity(model, result))
+        if result.failures():
+            sys.exit(1)
+
+    run_cli(go, verbose)
+
+
 # The export commands of the Swift benchmark and parity test (ios/), in bench/export.py.
 from .export import register as _register_exports  # noqa: E402
 

@@ -24,9 +24,10 @@ Shape legend: B = batch, L = tokens, D = hidden, H = heads, Hkv = KV heads,
 E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
+import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +38,13 @@ from mlx_lm.models.base import (
     scaled_dot_product_attention,
 )
 from mlx_lm.models.rope_utils import initialize_rope
+
+# MLX's GPU backends run float32 matmuls as TF32 (a 10-bit mantissa) unless
+# MLX_ENABLE_TF32=0, which MLX reads once, at the first float32 matmul. The
+# router is float32 because its top-k choices are discrete (rounding flips
+# which experts run), so this model asks for real float32 before any of its
+# matmuls run; a user's own setting wins. Float16 matmuls are unaffected.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 
 @dataclass
@@ -73,6 +81,25 @@ class ModelArgs(BaseModelArgs):
                 k: v for k, v in self.rope_parameters.items() if k != "rope_theta"
             }
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
+
+
+def split_at(a: mx.array, index: int, axis: int) -> Tuple[mx.array, mx.array]:
+    """`mx.split(a, [index], axis)`, as two slices: the same views and values.
+
+    MLX's Split gives each part a buffer size of its element count, but a part
+    with holes (cut along an inner axis of a transposed array, as q/k/v are)
+    spans more memory than that. CUDA's fast.rope sizes its output by that
+    count and writes the whole span, past the end of its buffer (ml-explore/mlx
+    issue 4548): at S's shape the fused q/k heads overran by 63 KB per layer and
+    the GPU's logits fell to cosine 0.39 against the CPU's. Slices record the
+    span."""
+    lead = (slice(None),) * (axis % a.ndim)
+    return a[lead + (slice(None, index),)], a[lead + (slice(index, None),)]
+
+
+def halves(a: mx.array) -> Tuple[mx.array, mx.array]:
+    """The first and second half of the last axis (gate and up)."""
+    return split_at(a, a.shape[-1] // 2, -1)
 
 
 def _stacked(linears: List[nn.QuantizedLinear]) -> nn.QuantizedLinear:
@@ -170,9 +197,9 @@ class Attention(_Fusable):
             # (both are per head and per position: one RoPE and one RMS-norm
             # kernel for both, with the same values as two of each).
             qkv = self.qkv_proj(x).reshape(B, L, h + 2 * hkv, -1).transpose(0, 2, 1, 3)
-            qk, v = mx.split(qkv, [h + hkv], axis=1)
+            qk, v = split_at(qkv, h + hkv, axis=1)
             qk = mx.fast.rms_norm(self.rope(qk, offset=offset), None, self.eps)
-            q, k = mx.split(qk, [h], axis=1)
+            q, k = split_at(qk, h, axis=1)
         else:
             q = self.q_proj(x).reshape(B, L, h, -1).transpose(0, 2, 1, 3)
             k = self.k_proj(x).reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
@@ -265,7 +292,7 @@ class RoutedExperts(nn.Module):
             order = mx.argsort(flat)
             inv_order = mx.argsort(order)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
-        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, -1)
+        gate, up = halves(self.gate_up_proj(x, idx, sorted_indices=do_sort))
         y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
@@ -285,7 +312,7 @@ class MLP(_Fusable):
 
     def __call__(self, x):
         if self.is_fused():
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            gate, up = halves(self.gate_up_proj(x))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(swiglu(gate, up))

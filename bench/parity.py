@@ -1,0 +1,249 @@
+"""`bench parity`: one model on the default device against the same weights on
+the CPU in float32, layer by layer.
+
+A GPU backend that computes a wrong answer still produces fluent-looking
+numbers, so a port is only as trustworthy as its last comparison with a known
+computation. MLX's CPU backend in float32 is that computation here (the test
+suite holds it to an independent NumPy float64 model, tests/reference.py), and
+this command puts any other backend and dtype beside it: per layer the cosine
+of the residual stream at every position and the share of routed-expert
+choices both runs made alike, then the logits' cosine and argmax agreement.
+The first layer that falls below the thresholds is named, since every later
+layer inherits its error.
+
+The prompt goes through the paths a chat takes: most of it as a chunked
+prefill through mlx-lm's KV cache (sorted expert dispatch, the causal mask),
+the last tokens one at a time (decode: unsorted dispatch, one-row kernels).
+
+Shape legend: T = prompt tokens, D = hidden, K = experts per token, V = vocabulary.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import make_prompt_cache
+
+from mobilemoe_mlx.config import PRESETS
+from mobilemoe_mlx.convert import DTYPES
+from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.routing import ExpertRecorder
+from mobilemoe_mlx.runtime import current as current_runtime
+
+# What "agrees" means, by the dtype of the run under test. In float32 two
+# correct backends differ only in summation order (relative error ~1e-6), so
+# anything short of cosine 0.9999 and the same argmax is a fault. Half
+# precision rounds every product and activation (docs/conversion.md: a float16
+# model agrees with the exact one to about cosine 0.9999, except where a top-k
+# routing choice is nearly tied, which changes that token's later layers), so
+# its bounds are looser; they were set from float16 against float32 on the CPU
+# (docs/parity.md gives the figures and the command).
+THRESHOLDS = {
+    "float32": dict(cosine_min=0.9999, experts_same=0.99, argmax=1.0),
+    "float16": dict(cosine_min=0.99, experts_same=0.9, argmax=0.9),
+    "bfloat16": dict(cosine_min=0.95, experts_same=0.8, argmax=0.75),
+}
+
+
+@dataclass
+class LayerParity:
+    layer: int
+    cosine_min: float  # the worst position's cosine of this layer's output
+    cosine_mean: float
+    experts_same: float  # share of (token, slot) expert choices made alike
+
+
+@dataclass
+class Parity:
+    backend: str  # the run under test's backend and dtype
+    dtype: str
+    tokens: int
+    layers: List[LayerParity]
+    logits_cosine_min: float
+    logits_cosine_mean: float
+    argmax_agree: float
+    thresholds: dict = field(default_factory=dict)
+
+    def first_bad_layer(self) -> Optional[int]:
+        t = self.thresholds
+        # `not >=`: a NaN (what a broken kernel often returns) fails too.
+        return next((x.layer for x in self.layers if not (x.cosine_min >= t["cosine_min"]
+                     and x.experts_same >= t["experts_same"])), None)
+
+    def failures(self) -> List[str]:
+        t, out = self.thresholds, []
+        bad = self.first_bad_layer()
+        if bad is not None:
+            x = self.layers[bad]
+            out.append(f"layer {bad} is the first to diverge (cosine {x.cosine_min:.6f}, "
+                       f"experts alike {x.experts_same:.1%})")
+        if not self.logits_cosine_min >= t["cosine_min"]:
+            out.append(f"logits cosine {self.logits_cosine_min:.6f} < {t['cosine_min']}")
+        if not self.argmax_agree >= t["argmax"]:
+            out.append(f"argmax agrees at {self.argmax_agree:.1%} of positions "
+                       f"< {t['argmax']:.0%}")
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready: a non-finite figure is null, as in the benchmark's results.json."""
+        d = tree_map(lambda v: v if not isinstance(v, float) or math.isfinite(v) else None,
+                     asdict(self))
+        return {**d, "first_bad_layer": self.first_bad_layer(), "ok": not self.failures()}
+
+
+class _LayerTap(nn.Module):
+    """Keeps what a decoder layer returns; the layer computes as before."""
+
+    def __init__(self, inner: nn.Module, sink: list):
+        super().__init__()
+        self.inner, self._sink = inner, sink
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        self._sink.append(out)
+        return out
+
+
+def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int
+          ) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+    """Run `tokens` [T] through `model` on the current default stream: the first
+    T - decode in prefill chunks of `chunk`, the rest one at a time, all through
+    one KV cache. Returns per layer the outputs [T, D] and expert choices [T, K]
+    (float32 / int), and the logits [T, V]."""
+    recorder = ExpertRecorder(model)
+    outs: List[list] = [[] for _ in model.layers]
+    inner = model.model.layers
+    model.model.layers = [_LayerTap(layer, sink) for layer, sink in zip(inner, outs)]
+    try:
+        cache = make_prompt_cache(model)
+        prefill = len(tokens) - decode
+        pieces = [tokens[i:i + chunk] for i in range(0, prefill, chunk)]
+        pieces += [tokens[i:i + 1] for i in range(prefill, len(tokens))]
+        logits = []
+        with recorder.record():
+            for piece in pieces:  # the generation loop, as mlx-lm's: not a forward pass
+                y = model(mx.array(piece)[None], cache=cache)
+                mx.eval(y, [c.state for c in cache])
+                logits.append(np.array(y[0].astype(mx.float32)))
+            hidden = [np.concatenate([np.array(h[0].astype(mx.float32)) for h in sink])
+                      for sink in outs]
+            experts = recorder.choices()
+    finally:
+        recorder.remove()
+        model.model.layers = inner
+    return hidden, experts, np.concatenate(logits)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` with the same row of `b` (float64)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    both_zero = den == 0
+    return np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
+
+
+def _experts_same(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of each token's K choices that the other run also made (order ignored)."""
+    same = (np.sort(a, -1)[:, :, None] == np.sort(b, -1)[:, None, :]).any(-1)
+    return float(same.mean())
+
+
+def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: int = 32,
+            decode: int = 8, dtype: Optional[str] = None, backend: Optional[str] = None
+            ) -> Parity:
+    """`model` on the default device against `reference` on the CPU (cast to
+    float32 here): the layer-by-layer figures, judged by THRESHOLDS[dtype]
+    (default: the model's activation dtype)."""
+    reference.update(tree_map(_float32, reference.parameters()))
+    with mx.stream(mx.cpu):
+        ref_hidden, ref_experts, ref_logits = trace(reference, tokens, chunk, decode)
+    hidden, experts, logits = trace(model, tokens, chunk, decode)
+    dtype = dtype or _activation_dtype(model)
+    layers = []
+    for i, (h, r, e, re) in enumerate(zip(hidden, ref_hidden, experts, ref_experts)):
+        c = _cosines(h, r)
+        layers.append(LayerParity(i, float(c.min()), float(c.mean()), _experts_same(e, re)))
+    c = _cosines(logits, ref_logits)
+    return Parity(
+        backend=backend or current_runtime().backend, dtype=dtype, tokens=len(tokens),
+        layers=layers, logits_cosine_min=float(c.min()), logits_cosine_mean=float(c.mean()),
+        argmax_agree=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        thresholds=THRESHOLDS[dtype])
+
+
+def _float32(a: mx.array) -> mx.array:
+    return a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a
+
+
+def _activation_dtype(model: nn.Module) -> str:
+    return str(model.model.norm.weight.dtype).rsplit(".", 1)[-1]
+
+
+def cast(model: nn.Module, dtype: str) -> None:
+    """Floating parameters to `dtype`, except those the model keeps float32
+    (the router and its selection bias: Model.cast_predicate)."""
+    castable = model.cast_predicate
+    model.load_weights([(k, v.astype(DTYPES[dtype]) if castable(k) and
+                         mx.issubdtype(v.dtype, mx.floating) else v)
+                        for k, v in tree_flatten(model.parameters())])
+
+
+def models_for(name: str, dtype: Optional[str], seed: int) -> Tuple[nn.Module, nn.Module]:
+    """(the model as it runs here, a second copy to be the CPU float32 reference)
+    for a preset (synthetic weights, built twice from one seed) or a converted
+    directory (loaded as load() does: in its stored dtype on a GPU, float32 on
+    the CPU); `dtype` casts the first."""
+    if name in PRESETS:
+        from .models import build_synthetic
+
+        model, reference = (build_synthetic(name, "float32", seed=seed, fuse=True).model
+                            for _ in range(2))
+        dtype = dtype or current_runtime().compute_dtype
+    else:
+        from mobilemoe_mlx.loading import load_converted
+
+        from .models import check_checkpoint
+
+        path = check_checkpoint(name, "--model")
+        model, _ = load_converted(path, float32_on_cpu=True)
+        reference, _ = load_converted(path)
+    if dtype is not None:
+        cast(model, dtype)
+    mx.eval(model.parameters(), reference.parameters())
+    return model, reference
+
+
+def random_tokens(vocab: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.int32)
+
+
+def check_settings(tokens: int, chunk: int, decode: int) -> None:
+    if tokens < 2:
+        raise UserError(f"--tokens must be at least 2, not {tokens}")
+    if chunk < 1:
+        raise UserError(f"--chunk must be at least 1, not {chunk}")
+    if not 0 <= decode < tokens:
+        raise UserError(f"--decode must be from 0 to --tokens - 1 ({tokens - 1}), not {decode}")
+
+
+def format_parity(name: str, p: Parity) -> str:
+    t = p.thresholds
+    lines = [f"parity of {name}: {p.backend} in {p.dtype} against the CPU in float32, "
+             f"{p.tokens} random tokens",
+             "", f"{'layer':>5}  {'cosine min':>10}  {'mean':>10}  {'experts alike':>13}"]
+    for x in p.layers:
+        flag = "  <- first to diverge" if x.layer == p.first_bad_layer() else ""
+        lines.append(f"{x.layer:>5}  {x.cosine_min:>10.6f}  {x.cosine_mean:>10.6f}  "
+                     f"{x.experts_same:>12.1%}{flag}")
+    lines += ["", f"logits: cosine min {p.logits_cosine_min:.6f}, mean {p.logits_cosine_mean:.6f}; "
+              f"argmax agrees at {p.argmax_agree:.1%} of positions",
+              f"thresholds for {p.dtype}: cosine >= {t['cosine_min']}, experts alike >= "
+              f"{t['experts_same']:.0%}, argmax >= {t['argmax']:.0%}"]
+    fails = p.failures()
+    lines.append("parity: ok" if not fails else "parity: FAILED: " + "; ".join(fails))
+    return "\n".join(lines)
