@@ -121,7 +121,7 @@ def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int
     try:
         cache = make_prompt_cache(model)
         prefill = len(tokens) - decode
-        pieces = [tokens[i:i + chunk] for i in range(0, prefill, chunk)]
+        pieces = [tokens[i:min(i + chunk, prefill)] for i in range(0, prefill, chunk)]
         pieces += [tokens[i:i + 1] for i in range(prefill, len(tokens))]
         logits = []
         with recorder.record():

@@ -1,0 +1,114 @@
+"""`bench parity` (bench/parity.py): a model against the CPU in float32, layer by layer.
+
+Here the default device is the CPU too, so a healthy model agrees exactly; faults
+are injected into one layer of the model under test to show the command finds
+them, names that layer, and exits non-zero."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bench.cli import main as bench_main
+from bench.models import build_synthetic, model_config
+from bench.parity import compare, random_tokens, trace
+from mobilemoe_mlx.model import split_at
+
+LAYERS = 4
+
+
+def _bench(*args):
+    return CliRunner().invoke(bench_main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def pair():
+    """Two copies of one 4-layer tiny model (same seed), and a prompt."""
+    config = {**model_config("tiny"), "num_hidden_layers": LAYERS}
+    config["no_rope_layers"] = [1] * LAYERS
+    config["layer_types"] = ["full_attention"] * LAYERS
+    model, reference = (build_synthetic("tiny", "float32", seed=3, config=config,
+                                        fuse=True).model for _ in range(2))
+    return model, reference, random_tokens(config["vocab_size"], 24, seed=1)
+
+
+def test_healthy_model_agrees_exactly(pair):
+    model, reference, tokens = pair
+    p = compare(model, reference, tokens, chunk=8, decode=4)
+    assert [x.cosine_min for x in p.layers] == pytest.approx([1.0] * LAYERS, abs=1e-7)
+    assert all(x.experts_same == 1.0 for x in p.layers)
+    assert p.argmax_agree == 1.0 and not p.failures() and p.first_bad_layer() is None
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_a_fault_in_one_layer_is_named(pair, layer):
+    model, reference, tokens = pair
+    norm = model.layers[layer].post_attention_layernorm
+    norm.weight = norm.weight * 1.05  # what a wrong kernel in that layer's MoE might do
+    p = compare(model, reference, tokens, chunk=8, decode=4)
+    assert p.first_bad_layer() == layer
+    assert all(x.cosine_min == pytest.approx(1.0, abs=1e-7) for x in p.layers[:layer])
+    assert p.failures()[0].startswith(f"layer {layer} is the first to diverge")
+
+
+def test_nan_is_a_failure_not_a_pass(pair):
+    # NaN compares false with everything: a `<` test would let it through.
+    model, reference, tokens = pair
+    norm = model.layers[2].input_layernorm
+    norm.weight = mx.full(norm.weight.shape, float("nan"))
+    p = compare(model, reference, tokens, chunk=8, decode=4)
+    assert p.first_bad_layer() == 2 and p.failures()
+    d = p.to_dict()
+    assert d["ok"] is False and d["layers"][2]["cosine_min"] is None
+    json.dumps(d, allow_nan=False)  # valid JSON
+
+
+def test_trace_takes_the_chunked_and_the_decode_paths(pair):
+    # Feeding the prompt in chunks and then one token at a time through the KV
+    # cache gives the logits of one full forward pass.
+    model, _, tokens = pair
+    _, experts, logits = trace(model, tokens, chunk=5, decode=6)
+    full = np.array(model(mx.array(tokens)[None])[0])
+    np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
+    assert all(e.shape == (len(tokens), 2) for e in experts)
+
+
+def test_split_at_gives_the_views_mx_split_gives():
+    a = mx.arange(2 * 20 * 3 * 8).reshape(2, 3, 20, 8).transpose(0, 2, 1, 3)
+    for axis, index in ((1, 16), (-1, 4), (2, 1)):
+        want = mx.split(a, [index], axis=axis)
+        got = split_at(a, index, axis)
+        for w, g in zip(want, got):
+            assert w.shape == g.shape and mx.array_equal(w, g).item()
+
+
+def test_cli_reports_every_layer_and_passes(tmp_path):
+    r = _bench("parity", "--model", "tiny", "--tokens", "20", "--chunk", "8", "--decode", "3")
+    assert r.exit_code == 0, r.output
+    assert "parity: ok" in r.output and "against the CPU in float32" in r.output
+    rows = [ln for ln in r.output.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(rows) == model_config("tiny")["num_hidden_layers"]
+    r = _bench("parity", "--model", "tiny", "--tokens", "20", "--json", "--dtype", "float16")
+    d = json.loads(r.output)
+    assert r.exit_code == 0 and d["dtype"] == "float16" and d["ok"] is True
+    assert 0.99 < d["logits_cosine_min"] < 1.0  # float16 rounds: close, not equal
+
+
+def test_cli_parity_of_a_converted_directory(synthetic_tiny):
+    r = _bench("parity", "--model", synthetic_tiny, "--tokens", "12", "--decode", "2")
+    assert r.exit_code == 0 and "parity: ok" in r.output, r.output
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--tokens", "1"], "--tokens must be at least 2"),
+    (["--chunk", "0"], "--chunk must be at least 1"),
+    (["--tokens", "8", "--decode", "8"], "--decode must be from 0 to --tokens - 1"),
+    (["--decode", "-1"], "--decode must be from 0"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--model", "nowhere/at-all"], "--model nowhere/at-all: no such directory"),
+])
+def test_cli_refuses_bad_settings_in_one_line(args, says):
+    r = _bench("parity", *args)
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
