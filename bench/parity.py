@@ -36,16 +36,19 @@ from mobilemoe_mlx.runtime import current as current_runtime
 
 # What "agrees" means, by the dtype of the run under test. In float32 two
 # correct backends differ only in summation order (relative error ~1e-6), so
-# anything short of cosine 0.9999 and the same argmax is a fault. Half
-# precision rounds every product and activation (docs/conversion.md: a float16
-# model agrees with the exact one to about cosine 0.9999, except where a top-k
-# routing choice is nearly tied, which changes that token's later layers), so
-# its bounds are looser; they were set from float16 against float32 on the CPU
-# (docs/parity.md gives the figures and the command).
+# every position must agree to cosine 0.9999 with the same argmax. Half
+# precision rounds every product and activation, and where a token's top-k
+# routing choice is nearly tied the rounding may pick another expert, which
+# legitimately moves that one position a long way (a quarter of S's routed
+# output changes); so half precision is judged on the mean over positions, the
+# share of expert choices made alike and the argmax agreement, never on the
+# worst position. The half-precision bounds sit below what float16 and bfloat16
+# give against float32 on the CPU over several seeds (docs/parity.md) and well
+# above what the broken GPU run gave (float16: mean cosine 0.944, argmax 58%).
 THRESHOLDS = {
-    "float32": dict(cosine_min=0.9999, experts_same=0.99, argmax=1.0),
-    "float16": dict(cosine_min=0.99, experts_same=0.9, argmax=0.9),
-    "bfloat16": dict(cosine_min=0.95, experts_same=0.8, argmax=0.75),
+    "float32": dict(cosine_min=0.9999, cosine_mean=0.9999, experts_same=0.99, argmax=1.0),
+    "float16": dict(cosine_min=None, cosine_mean=0.98, experts_same=0.95, argmax=0.9),
+    "bfloat16": dict(cosine_min=None, cosine_mean=0.9, experts_same=0.9, argmax=0.7),
 }
 
 
@@ -68,21 +71,26 @@ class Parity:
     argmax_agree: float
     thresholds: dict = field(default_factory=dict)
 
-    def first_bad_layer(self) -> Optional[int]:
+    def _cosine_ok(self, worst: float, mean: float) -> bool:
+        # `>=`, never `<`: a NaN (what a broken kernel often returns) must fail.
         t = self.thresholds
-        # `not >=`: a NaN (what a broken kernel often returns) fails too.
-        return next((x.layer for x in self.layers if not (x.cosine_min >= t["cosine_min"]
-                     and x.experts_same >= t["experts_same"])), None)
+        return (t["cosine_min"] is None or worst >= t["cosine_min"]) and mean >= t["cosine_mean"]
+
+    def first_bad_layer(self) -> Optional[int]:
+        return next((x.layer for x in self.layers if not (
+            self._cosine_ok(x.cosine_min, x.cosine_mean)
+            and x.experts_same >= self.thresholds["experts_same"])), None)
 
     def failures(self) -> List[str]:
         t, out = self.thresholds, []
         bad = self.first_bad_layer()
         if bad is not None:
             x = self.layers[bad]
-            out.append(f"layer {bad} is the first to diverge (cosine {x.cosine_min:.6f}, "
-                       f"experts alike {x.experts_same:.1%})")
-        if not self.logits_cosine_min >= t["cosine_min"]:
-            out.append(f"logits cosine {self.logits_cosine_min:.6f} < {t['cosine_min']}")
+            out.append(f"layer {bad} is the first to diverge (cosine min {x.cosine_min:.6f}, "
+                       f"mean {x.cosine_mean:.6f}, experts alike {x.experts_same:.1%})")
+        if not self._cosine_ok(self.logits_cosine_min, self.logits_cosine_mean):
+            out.append(f"logits cosine min {self.logits_cosine_min:.6f}, mean "
+                       f"{self.logits_cosine_mean:.6f} below {describe(t)}")
         if not self.argmax_agree >= t["argmax"]:
             out.append(f"argmax agrees at {self.argmax_agree:.1%} of positions "
                        f"< {t['argmax']:.0%}")
@@ -231,6 +239,13 @@ def check_settings(tokens: int, chunk: int, decode: int) -> None:
         raise UserError(f"--decode must be from 0 to --tokens - 1 ({tokens - 1}), not {decode}")
 
 
+def describe(t: dict) -> str:
+    """The cosine part of a dtype's thresholds, in words."""
+    if t["cosine_min"] is None:
+        return f"mean cosine >= {t['cosine_mean']} (the worst position is not judged)"
+    return f"cosine >= {t['cosine_min']} at every position"
+
+
 def format_parity(name: str, p: Parity) -> str:
     t = p.thresholds
     lines = [f"parity of {name}: {p.backend} in {p.dtype} against the CPU in float32, "
@@ -242,7 +257,7 @@ def format_parity(name: str, p: Parity) -> str:
                      f"{x.experts_same:>12.1%}{flag}")
     lines += ["", f"logits: cosine min {p.logits_cosine_min:.6f}, mean {p.logits_cosine_mean:.6f}; "
               f"argmax agrees at {p.argmax_agree:.1%} of positions",
-              f"thresholds for {p.dtype}: cosine >= {t['cosine_min']}, experts alike >= "
+              f"thresholds for {p.dtype}: {describe(t)}, experts alike >= "
               f"{t['experts_same']:.0%}, argmax >= {t['argmax']:.0%}"]
     fails = p.failures()
     lines.append("parity: ok" if not fails else "parity: FAILED: " + "; ".join(fails))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from bench.cli import main as bench_main
 from bench.models import build_synthetic, model_config
-from bench.parity import compare, random_tokens, trace
+from bench.parity import cast, compare, random_tokens, trace
 from mobilemoe_mlx.model import split_at
 
 LAYERS = 4
@@ -51,6 +51,17 @@ def test_a_fault_in_one_layer_is_named(pair, layer):
     assert p.first_bad_layer() == layer
     assert all(x.cosine_min == pytest.approx(1.0, abs=1e-7) for x in p.layers[:layer])
     assert p.failures()[0].startswith(f"layer {layer} is the first to diverge")
+
+
+def test_half_precision_is_judged_on_means_and_still_finds_a_fault(pair):
+    model, reference, tokens = pair
+    cast(model, "float16")
+    healthy = compare(model, reference, tokens, chunk=8, decode=4)
+    assert healthy.dtype == "float16" and not healthy.failures()
+    norm = model.layers[2].post_attention_layernorm
+    norm.weight = -norm.weight  # a sign error in one layer's kernel
+    p = compare(model, reference, tokens, chunk=8, decode=4)
+    assert p.first_bad_layer() == 2 and p.failures()
 
 
 def test_nan_is_a_failure_not_a_pass(pair):
