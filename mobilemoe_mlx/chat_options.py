@@ -80,13 +80,15 @@ class SessionOptions:
 
     system: Optional[str] = None  # system prompt
     raw: bool = False  # no chat template: each message is continued as plain text
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: Optional[Sampling] = field(default_factory=Sampling)
     speculative: bool = False  # a draft model proposes tokens (chat's --draft)
     num_draft_tokens: int = 3
     max_kv_size: Optional[int] = None  # a rotating KV cache of this many tokens
     kv_bits: Optional[int] = None  # 4 or 8: a quantized KV cache
 
     def __post_init__(self):
+        if self.sampling is None:  # what library callers passed for "the defaults"
+            object.__setattr__(self, "sampling", Sampling())
         check_options(self.speculative, self.max_kv_size, self.kv_bits, self.raw, self.system)
         check_sampling(self.sampling)
         if self.num_draft_tokens < 1:  # click checks the CLI

@@ -216,6 +216,18 @@ def _check_spares_source(out: Path, src_path: Path, dest: Destination) -> None:
                             f"writing there would destroy; {dest.elsewhere}")
 
 
+def _check_source(source: str, src_path: Path, out: Path, require_tokenizer: bool,
+                  dest: Destination) -> None:
+    """What can be refused about the source before it is opened."""
+    if is_converted(src_path):
+        raise UserError(f"{src_path} is already converted: load it directly")
+    _check_spares_source(out, src_path, dest)
+    folder = src_path if src_path.is_dir() else src_path.parent
+    if require_tokenizer and not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{source} has no tokenizer.json: copy the model's tokenizer files "
+                        "next to its weights")
+
+
 def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
                      q_bits: int = 4, q_group_size: Optional[int] = None, force: bool = False,
                      revision: Optional[str] = None, require_tokenizer: bool = False,
@@ -228,13 +240,7 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
     src_path, commit = _resolve_source(source, revision)
-    if is_converted(src_path):
-        raise UserError(f"{src_path} is already converted: load it directly")
-    _check_spares_source(out_path, src_path, dest)
-    tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
-    if require_tokenizer and not (tokenizer_dir / "tokenizer.json").is_file():
-        raise UserError(f"{source} has no tokenizer.json: copy the model's tokenizer files "
-                        "next to its weights")
+    _check_source(source, src_path, out_path, require_tokenizer, dest)
     config, tensors = open_checkpoint(src_path)
     validate_config(config)
     check_config_fits(config, tensors.stored_bytes(), str(src_path))
@@ -252,7 +258,7 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     return Conversion(
         source, commit, out_path, config, tensors, layout, weights, qat_group,
         {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None,
-        dtype, tokenizer_dir)
+        dtype, src_path if src_path.is_dir() else src_path.parent)
 
 
 def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
