@@ -20,6 +20,7 @@ How the cache is kept (the part that is easy to get wrong):
 """
 
 import contextlib
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +32,7 @@ from .chat_options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: p
     MIN_KV_SIZE,
     SEED_MAX,
     Sampling,
-    check_options,
-    check_sampling,
+    SessionOptions,
     check_seed,
     kv_group_size,
 )
@@ -62,17 +62,21 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     from .loading import load
     from .planner import fits_warning
 
-    model, tokenizer = load(source, revision=revision, lazy=True, progress=progress)
+    def before_converting(config: dict, folder: Path) -> None:
+        # What the loaded model would be refused for, refused before a conversion runs.
+        if not raw and not ships_chat_template(folder):
+            raise _no_chat_template(source)
+        kv_group_size(config["head_dim"], kv_bits)
+
+    model, tokenizer = load(source, revision=revision, lazy=True, progress=progress,
+                            before_converting=before_converting)
     # Weights are still on disk (lazy): this is the moment to warn.
     warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits,
                            dtype=_activation_dtype(model))
     if warning and progress:
         print(f"warning: {warning}; expect swapping or a failed load", file=sys.stderr)
     if not raw and not tokenizer.has_chat_template:
-        raise UserError(
-            f"{source} has no chat template (Base checkpoints have none): add --raw to "
-            "continue plain text instead, or pick an instruction-tuned model (--variant qat or sft)"
-        )
+        raise _no_chat_template(source)
     mx.eval(model.parameters())
     vocab = tokenizer.get_vocab()
     for token in STOP_TOKENS:
@@ -84,6 +88,28 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     # about encoding more than model_max_length tokens would only be a stray stderr line.
     tokenizer._tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
+
+
+def _no_chat_template(source: str) -> UserError:
+    return UserError(
+        f"{source} has no chat template (Base checkpoints have none): add --raw to "
+        "continue plain text instead, or pick an instruction-tuned model (--variant qat or sft)")
+
+
+def ships_chat_template(folder: Path) -> bool:
+    """Whether a checkpoint directory has a chat template in a file the converter
+    copies (chat_template.jinja or .json, or tokenizer_config.json's chat_template).
+    A tokenizer_config.json that cannot be read counts as yes: the loaded
+    tokenizer then decides (and its reader says what is wrong)."""
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return not isinstance(config, dict) or bool(config.get("chat_template"))
 
 
 @dataclass
@@ -156,24 +182,27 @@ class ChatSession:
 
     Args:
         model, tokenizer: from `load_chat_model` (or `mobilemoe_mlx.load`).
-        system: system prompt; `raw`: no template, each message is continued as text.
+        options: a SessionOptions (checked when it was made), or its fields as
+            keywords: system prompt, `raw` (no template: each message is continued
+            as text), sampling, num_draft_tokens, max_kv_size (a rotating cache,
+            mlx-lm's), kv_bits (4 or 8: the KV cache quantized from the first token).
         draft_model: a smaller model with the same tokenizer for speculative decoding.
-        max_kv_size: keep at most this many tokens in a rotating cache (mlx-lm's).
-        kv_bits: 4 or 8 to quantize the KV cache from the first token.
     """
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, raw: bool = False,
-                 sampling: Optional[Sampling] = None, draft_model=None, num_draft_tokens: int = 3,
-                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None):
+    def __init__(self, model, tokenizer, options: Optional[SessionOptions] = None,
+                 draft_model=None, **settings):
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        check_options(draft_model is not None, max_kv_size, kv_bits, raw, system)
-        check_sampling(sampling or Sampling())
-        self.kv_group = kv_group_size(model.args.head_dim, kv_bits)
+        if options is None:
+            options = SessionOptions(speculative=draft_model is not None, **settings)
+        elif settings or options.speculative != (draft_model is not None):
+            raise TypeError("pass options or keyword settings, not both, and a draft_model "
+                            "exactly when options.speculative is set")
+        self.kv_group = kv_group_size(model.args.head_dim, options.kv_bits)
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
-        self.raw = raw
-        self.sampling = sampling or Sampling()
-        self.num_draft_tokens, self.max_kv_size, self.kv_bits = num_draft_tokens, max_kv_size, kv_bits
+        self.raw, self.sampling = options.raw, options.sampling
+        self.num_draft_tokens = options.num_draft_tokens
+        self.max_kv_size, self.kv_bits = options.max_kv_size, options.kv_bits
         self.context = model.args.max_position_embeddings
         s = self.sampling
         self._sampler = make_sampler(s.temp, s.top_p, s.min_p, top_k=s.top_k)
@@ -181,7 +210,7 @@ class ChatSession:
                             if s.repetition_penalty else None)
         self.expert_log = ExpertRecorder(model) if hasattr(model.layers[0], "feed_forward") else None
         self.system: Optional[str] = None
-        self.set_system(system)
+        self.set_system(options.system)
         self.last: Optional[Turn] = None  # the last answer since the start or /reset
         self.resets = 0
         self._stop_requested = self._generating = False

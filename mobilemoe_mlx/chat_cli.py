@@ -62,12 +62,21 @@ class Finite(click.FloatRange):
               help="Tokens the draft model proposes per step.")
 @click.option("--prompt", "-p", default=None, help="Answer this one message and exit.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
-def main(verbose, kv_bits, **options):
+def main(verbose, model, variant, revision, seed, draft, prompt, system, raw, num_draft_tokens,
+         max_kv_size, kv_bits, **sampling):
     """Chat with a MobileMoE model: streamed answers, KV cache kept across turns.
 
     Inside the chat: /help, /reset, /system TEXT, /stats, /quit. Ctrl-C stops an
     answer, Ctrl-D leaves. Answers go to stdout, everything else to stderr."""
-    from .chat_commands import chat
+    def run():
+        from .chat_commands import ChatOptions, chat
+        from .chat_options import Sampling, SessionOptions
 
-    kv_bits = int(kv_bits) if kv_bits else None
-    run_cli(lambda: chat(kv_bits=kv_bits, **options), verbose)
+        session = SessionOptions(
+            system=system, raw=raw, sampling=Sampling(**sampling), speculative=draft is not None,
+            num_draft_tokens=num_draft_tokens, max_kv_size=max_kv_size,
+            kv_bits=int(kv_bits) if kv_bits else None)
+        chat(ChatOptions(model=model, variant=variant, revision=revision, session=session,
+                         seed=seed, draft=draft, prompt=prompt))
+
+    run_cli(run, verbose)

@@ -11,9 +11,11 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import List, Optional, TextIO, Tuple
 
 from .chat import ChatSession, Turn
+from .chat_options import SessionOptions, check_seed
 from .errors import UserError
 
 PROMPT = ">>> "
@@ -259,86 +261,90 @@ def _ctrl_c_stops(session: ChatSession):
         signal.signal(signal.SIGINT, previous)
 
 
-def chat(model: str = "S", variant: Optional[str] = None, revision: Optional[str] = None,
-         system: Optional[str] = None, raw: bool = False, temp: float = 0.0,
-         top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-         repetition_penalty: Optional[float] = None, max_tokens: int = 1024,
-         seed: Optional[int] = None, max_kv_size: Optional[int] = None,
-         kv_bits: Optional[int] = None, draft: Optional[str] = None,
-         num_draft_tokens: int = 3, prompt: Optional[str] = None,
-         stdin: TextIO = None, out: TextIO = None, err: TextIO = None) -> None:
-    """Load the model (and draft), then chat on the terminal or answer `prompt` once.
+@dataclass(frozen=True)
+class ChatOptions:
+    """Everything chat.py's command line sets, checked once, when made: what
+    needs no model is refused before anything is downloaded, converted or loaded."""
+
+    model: str = "S"  # S, M, L, a Hub repo id, or a path
+    variant: Optional[str] = None  # the release of S, M or L: qat, sft or base
+    revision: Optional[str] = None
+    session: SessionOptions = field(default_factory=SessionOptions)  # checked when it was made
+    seed: Optional[int] = None
+    draft: Optional[str] = None  # the draft model: S, M, a Hub repo id, or a path
+    prompt: Optional[str] = None  # answer this one message and exit
+
+    def __post_init__(self):
+        from .chat import SIZES
+
+        check_seed(self.seed)
+        for option, text in (("--prompt", self.prompt), ("--system", self.session.system)):
+            if text is not None and not is_text(text):
+                raise UserError(f"{option} is not valid UTF-8 text: check the terminal's or "
+                                "the shell's encoding")
+        if self.prompt is not None and not self.prompt.strip():
+            raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
+        if self.model.upper() in SIZES and self.variant == "base" and not self.session.raw:
+            raise UserError(f"MobileMoE-{self.model.upper()}-Base has no chat template: add "
+                            "--raw to continue plain text, or chat with --variant qat or sft")
+        if self.session.speculative != (self.draft is not None):
+            raise ValueError("session.speculative must say whether there is a draft")
+
+    def sources(self) -> Tuple[str, Optional[str]]:
+        """The model's source and the draft's (None without --draft), each checked
+        to be a path or a repo id before anything is fetched."""
+        from .chat import SIZES, model_source
+        from .loading import check_source_argument
+
+        source = model_source(self.model, self.variant)
+        check_source_argument(source, "--model")
+        if self.draft is None:
+            return source, None
+        draft = model_source(self.draft, self.variant if self.draft.upper() in SIZES else None)
+        check_source_argument(draft, "--draft")
+        return source, draft
+
+
+def chat(options: ChatOptions, stdin: TextIO = None, out: TextIO = None,
+         err: TextIO = None) -> None:
+    """Load the model (and draft), then chat on the terminal or answer `options.prompt` once.
 
     Input the user can fix raises UserError, as far as possible before anything is loaded."""
     import mlx.core as mx
 
-    from .chat import ChatSession, Sampling
-
-    sampling = Sampling(temp, top_p, top_k, min_p, repetition_penalty, max_tokens)
-    source, draft_source = _check_before_loading(model, variant, system, raw, sampling, seed,
-                                                 max_kv_size, kv_bits, draft, prompt)
-    if seed is not None:
-        mx.random.seed(seed)
-    main_model, tokenizer, draft_model = _load_models(source, draft, draft_source, raw, system,
-                                                      revision, kv_bits)
-    session = ChatSession(
-        main_model, tokenizer, system=system, raw=raw, sampling=sampling,
-        draft_model=draft_model, num_draft_tokens=num_draft_tokens,
-        max_kv_size=max_kv_size, kv_bits=kv_bits)
+    source, draft_source = options.sources()
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    main_model, tokenizer, draft_model = _load_models(options, source, draft_source)
+    session = ChatSession(main_model, tokenizer, options.session, draft_model=draft_model)
     stdin = stdin or _tolerant(sys.stdin)
     terminal = Terminal(session, stdin, out or sys.stdout, err or sys.stderr)
-    if prompt is not None:
-        terminal.answer(prompt)
+    if options.prompt is not None:
+        terminal.answer(options.prompt)
         return
-    mode = "raw continuation" if raw else "chat"
+    mode = "raw continuation" if session.raw else "chat"
     terminal.run(
         f"{source} ({mode}, context {session.context} tokens"
-        + (f", draft {draft}" if draft else "") + "). /help for commands, Ctrl-D to quit.")
+        + (f", draft {options.draft}" if options.draft else "")
+        + "). /help for commands, Ctrl-D to quit.")
 
 
-def _check_before_loading(model, variant, system, raw, sampling, seed, max_kv_size, kv_bits,
-                          draft, prompt) -> Tuple[str, Optional[str]]:
-    """Every check that needs no model, so a mistake costs no download or load.
-    Returns the model's source and the draft's (None without --draft)."""
-    from .chat import SIZES, model_source
-    from .chat_options import check_options, check_sampling, check_seed
-    from .loading import check_source_argument
-
-    check_options(draft is not None, max_kv_size, kv_bits, raw, system)
-    check_sampling(sampling)
-    check_seed(seed)
-    for option, text in (("--prompt", prompt), ("--system", system)):
-        if text is not None and not is_text(text):
-            raise UserError(f"{option} is not valid UTF-8 text: check the terminal's or the "
-                            "shell's encoding")
-    if prompt is not None and not prompt.strip():
-        raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
-    if model.upper() in SIZES and variant == "base" and not raw:
-        raise UserError(f"MobileMoE-{model.upper()}-Base has no chat template: add --raw to "
-                        "continue plain text, or chat with --variant qat or sft")
-    source = model_source(model, variant)
-    check_source_argument(source, "--model")
-    draft_source = None
-    if draft is not None:
-        draft_source = model_source(draft, variant if draft.upper() in SIZES else None)
-        check_source_argument(draft_source, "--draft")
-    return source, draft_source
-
-
-def _load_models(source, draft, draft_source, raw, system, revision, kv_bits):
+def _load_models(options: ChatOptions, source: str, draft_source: Optional[str]):
     """(model, tokenizer, draft model or None), the system prompt checked against the
     model's context before the draft model loads."""
     from .chat import check_system_fits, load_chat_model
 
-    main_model, tokenizer = load_chat_model(source, raw=raw, revision=revision, kv_bits=kv_bits)
+    raw, system, kv_bits = options.session.raw, options.session.system, options.session.kv_bits
+    main_model, tokenizer = load_chat_model(source, raw=raw, revision=options.revision,
+                                            kv_bits=kv_bits)
     if not raw:
         check_system_fits(tokenizer, system, main_model.args.max_position_embeddings)
-    if draft is None:
+    if draft_source is None:
         return main_model, tokenizer, None
     draft_model, draft_tokenizer = load_chat_model(draft_source, raw=True)
     if (draft_model.args.vocab_size != main_model.args.vocab_size
             or draft_tokenizer.get_vocab() != tokenizer.get_vocab()):
-        raise UserError(f"--draft {draft} does not share {source}'s tokenizer; "
+        raise UserError(f"--draft {options.draft} does not share {source}'s tokenizer; "
                         "speculative decoding needs the same one")
     return main_model, tokenizer, draft_model
 

@@ -1,10 +1,11 @@
 """Chat settings and the checks on them that need no model: sampling values,
 the seed, and the option pairs mlx-lm's caches cannot serve. chat.py's click
 options check the same ranges; these are the checks for library callers and the
-one place the limits are written down."""
+one place the limits are written down. `SessionOptions` runs them when it is
+made, so a settings object that exists has passed them, once."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UserError
@@ -71,3 +72,24 @@ def kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
         if head_dim % group == 0:
             return group
     raise UserError(f"--kv-bits needs a head_dim divisible by 32; this model's is {head_dim}")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a ChatSession is set up; checked when made (a bad value raises UserError)."""
+
+    system: Optional[str] = None  # system prompt
+    raw: bool = False  # no chat template: each message is continued as plain text
+    sampling: Optional[Sampling] = field(default_factory=Sampling)
+    speculative: bool = False  # a draft model proposes tokens (chat's --draft)
+    num_draft_tokens: int = 3
+    max_kv_size: Optional[int] = None  # a rotating KV cache of this many tokens
+    kv_bits: Optional[int] = None  # 4 or 8: a quantized KV cache
+
+    def __post_init__(self):
+        if self.sampling is None:  # what library callers passed for "the defaults"
+            object.__setattr__(self, "sampling", Sampling())
+        check_options(self.speculative, self.max_kv_size, self.kv_bits, self.raw, self.system)
+        check_sampling(self.sampling)
+        if self.num_draft_tokens < 1:  # click checks the CLI
+            raise UserError(f"--num-draft-tokens must be at least 1, not {self.num_draft_tokens}")

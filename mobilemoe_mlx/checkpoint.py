@@ -19,6 +19,7 @@ import mlx.core as mx
 from .errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+INDEX_FILE = "model.safetensors.index.json"  # the shard list of a sharded checkpoint
 _PREFIXES = ("module.", "_orig_mod.")
 _PICKLE_WRAPPERS = ("model", "state_dict")
 
@@ -202,7 +203,7 @@ _TORCH_DTYPES = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF1
 def _torch_to_mx(t) -> mx.array:
     import torch
 
-    t = t.contiguous()
+    t = t.detach().contiguous()  # a tensor saved with requires_grad has no numpy() otherwise
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: carry the raw bits
         return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
     return mx.array(t.numpy())
@@ -244,10 +245,39 @@ def _add_pickle(source: TensorSource, path: Path) -> None:
     if not isinstance(state, dict):
         raise UserError(f"{path} does not hold a state dict of tensors")
     for name, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            raise UserError(f"{path}: entry {name} is not a tensor")
-        dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
+        if not isinstance(name, str):
+            raise UserError(f"{path}: the state dict has the key {name!r} ({type(name).__name__}), "
+                            "not a tensor name; save a dict from names to tensors")
+        if problem := _not_a_plain_tensor(t, torch):
+            raise UserError(f"{path}: entry {name} {problem}; save the weights as plain dense "
+                            "CPU tensors (a state_dict() of the model), or as .safetensors")
+        dtype = _TORCH_DTYPES[str(t.dtype).removeprefix("torch.")]
         source.add(name, TensorInfo(dtype, tuple(t.shape)), lambda t=t: _torch_to_mx(t), path)
+
+
+def _not_a_plain_tensor(t, torch) -> str:
+    """What keeps `t` from being read as a dense array of numbers, or ''.
+
+    Only a strided tensor with its data in CPU memory, of a dtype the safetensors
+    format has, is one: sparse and nested ones, meta tensors (no data),
+    quantized ones and other dtypes each fail somewhere else, later."""
+    if not isinstance(t, torch.Tensor):
+        return f"is a {type(t).__name__}, not a tensor"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"is a tensor subclass ({type(t).__name__})"
+    if t.is_nested:
+        return "is a nested tensor"
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
+    if t.device.type != "cpu":
+        return f"is on the {t.device.type} device" + (
+            ", which holds no data" if t.device.type == "meta" else "")
+    if t.is_quantized:
+        return f"is a quantized tensor ({str(t.dtype).removeprefix('torch.')})"
+    if str(t.dtype).removeprefix("torch.") not in _TORCH_DTYPES:
+        return (f"has dtype {str(t.dtype).removeprefix('torch.')}, which MobileMoE "
+                "checkpoints do not use")
+    return ""
 
 
 def _index_shards(index: Path) -> List[str]:
@@ -320,15 +350,16 @@ def weight_files(path: Path) -> List[Path]:
         if path.suffix not in WEIGHT_SUFFIXES:
             raise UserError(f"{path} is not a weights file ({', '.join(WEIGHT_SUFFIXES)})")
         return [path]
-    index = path / "model.safetensors.index.json"
-    if index.exists():
+    index = path / INDEX_FILE
+    if index.is_file():
         shards = _index_shards(index)
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise UserError(f"{path} lacks shards named in its index: {', '.join(missing)}")
         return [path / s for s in shards]
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
-        files = sorted(path.glob(pattern))
+        # Files only: a directory of that name (an output written beside) is no input.
+        files = sorted(p for p in path.glob(pattern) if p.is_file())
         if files:
             return files
     raise UserError(f"{path} holds no weights file ({', '.join(WEIGHT_SUFFIXES)})")

@@ -5,7 +5,9 @@ weights for tests and benchmarks); a real config.json always wins.
 """
 
 import copy
-from typing import Any, Dict
+import json
+import math
+from typing import Any, Callable, Dict, NamedTuple
 
 from . import analytic
 from .errors import UserError
@@ -79,14 +81,8 @@ def preset_config(name: str) -> Dict[str, Any]:
     return config
 
 
-# Shape keys: every one a positive integer.
-_REQUIRED = (
-    "vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "num_local_experts", "num_experts_per_tok",
-)
-
-# Settings docs/architecture.md section 3 fixes; any other value would need a computation we do not do.
+# Settings docs/architecture.md section 3 fixes; any other value would need a
+# computation we do not do. Compared with their type too: JSON's 1 is not true.
 _FIXED = {
     "hidden_act": "silu",
     "interleave_moe_layer_step": 1,
@@ -104,34 +100,107 @@ _QAT_FORMAT = {"format": "mobilemoe-int4-g32", "qmin": -8, "qmax": 7, "symmetric
                "scale_dtype": "float16", "packed": True}
 
 
-def rope_block(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The RoPE scaling block, whether written as `rope_scaling` (released
-    checkpoints) or `rope_parameters` (our converted directories)."""
-    return config.get("rope_scaling") or config.get("rope_parameters") or {}
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no count
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class Kind(NamedTuple):
+    """What a config value must be: the words a message uses, and the test."""
+
+    words: str
+    test: Callable[[Any], bool]
+
+
+POSITIVE_INT = Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+NON_NEGATIVE_INT = Kind("an integer of 0 or more", lambda v: _is_int(v) and v >= 0)
+POSITIVE_NUMBER = Kind("a positive finite number",
+                       lambda v: _is_number(v) and math.isfinite(v) and v > 0)
+BOOLEAN = Kind("true or false", lambda v: isinstance(v, bool))
+
+# Every field of config.json that the model (model.py's ModelArgs), the converter
+# or chat reads, and what it must be; (required, kind). Checked in one place,
+# validate_config, when a checkpoint is converted and when a converted one loads.
+_FIELDS = {
+    "vocab_size": (True, POSITIVE_INT),
+    "hidden_size": (True, POSITIVE_INT),
+    "intermediate_size": (True, POSITIVE_INT),
+    "intermediate_size_mlp": (True, POSITIVE_INT),
+    "num_hidden_layers": (True, POSITIVE_INT),
+    "num_attention_heads": (True, POSITIVE_INT),
+    "num_key_value_heads": (True, POSITIVE_INT),
+    "head_dim": (True, POSITIVE_INT),
+    "num_local_experts": (True, POSITIVE_INT),
+    "num_experts_per_tok": (True, POSITIVE_INT),
+    "max_position_embeddings": (False, POSITIVE_INT),  # the context chat allows
+    "rms_norm_eps": (False, POSITIVE_NUMBER),
+    "rope_theta": (False, POSITIVE_NUMBER),
+    "routed_scaling_factor": (False, POSITIVE_NUMBER),
+    "expert_sort_threshold": (False, NON_NEGATIVE_INT),
+    "fuse_projections": (False, BOOLEAN),
+}
+_ROPE_FIELDS = {  # inside rope_scaling (or rope_parameters); mlx-lm's llama3 RoPE reads them
+    "factor": (True, POSITIVE_NUMBER),
+    "original_max_position_embeddings": (True, POSITIVE_NUMBER),
+    "low_freq_factor": (False, POSITIVE_NUMBER),
+    "high_freq_factor": (False, POSITIVE_NUMBER),
+    "rope_theta": (False, POSITIVE_NUMBER),
+}
+# A converted directory's `quantization`, as mlx-lm's loader reads it. Only the
+# types: which sizes MLX takes depends on the mode, and MLX says so itself.
+_MLX_QUANTIZATION = {
+    "group_size": (True, POSITIVE_INT),
+    "bits": (True, POSITIVE_INT),
+    "mode": (False, Kind("a name such as \"affine\"", lambda v: isinstance(v, str))),
+}
+
+
+def _shown(value) -> str:
+    """A value as config.json spells it (strings quoted, true, null), cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(key: str, must: str, value) -> UserError:
+    return UserError(f"config.json: {key} must be {must}, got {_shown(value)}")
+
+
+def _check_fields(block: Dict[str, Any], fields, prefix: str = "") -> None:
+    missing = [prefix + k for k, (required, _) in fields.items() if required and k not in block]
+    if missing:
+        raise UserError(f"config.json lacks {', '.join(missing)}")
+    for key, (_, kind) in fields.items():
+        if key in block and not kind.test(block[key]):
+            raise _bad(prefix + key, kind.words, block[key])
+
+
+def rope_block(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The RoPE scaling block, whether written as `rope_scaling` (released
+    checkpoints) or `rope_parameters` (our converted directories)."""
+    return config.get("rope_scaling") or config.get("rope_parameters") or {}
+
+
 def _check_rope(config: Dict[str, Any]) -> None:
+    name = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     rope = rope_block(config)
-    if not isinstance(rope, dict) or not rope:
+    if not isinstance(rope, dict):
+        raise _bad(name, "an object (MobileMoE uses llama3-scaled RoPE)", rope)
+    if not rope:
         raise UserError("config.json has no rope_scaling block; MobileMoE uses llama3-scaled RoPE")
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type != "llama3":
         raise UserError(f"config.json uses rope_type {rope_type!r}; only 'llama3' is supported")
-    for key in ("factor", "original_max_position_embeddings"):
-        if not _is_number(rope.get(key)) or rope[key] <= 0:
-            raise UserError(f"config.json's rope_scaling needs a positive number for {key}")
+    _check_fields(rope, _ROPE_FIELDS, f"{name}.")
     if rope.get("low_freq_factor", 1.0) != rope.get("high_freq_factor", 1.0):
         raise UserError(
             "config.json's llama3 RoPE has low_freq_factor != high_freq_factor; "
             "only equal factors (as released) are supported"
         )
-    theta = rope.get("rope_theta", config.get("rope_theta"))
-    if not _is_number(theta) or theta <= 0:
-        raise UserError("config.json needs a positive number for rope_theta")
+    if "rope_theta" not in rope and "rope_theta" not in config:
+        raise UserError("config.json lacks rope_theta")
 
 
 def _check_layers(config: Dict[str, Any]) -> None:
@@ -140,14 +209,25 @@ def _check_layers(config: Dict[str, Any]) -> None:
         raise UserError("config.json asks for windowed attention; MobileMoE uses full attention only")
     for key in ("layer_types", "no_rope_layers"):
         if key in config and (not isinstance(config[key], list) or len(config[key]) != layers):
-            raise UserError(f"config.json's {key} must list each of its {layers} layers")
+            got = (f"a list of {len(config[key])}" if isinstance(config[key], list)
+                   else _shown(config[key]))
+            raise UserError(f"config.json: {key} must list each of its {layers} layers, got {got}")
     if any(t != "full_attention" for t in config.get("layer_types", [])):
         raise UserError("config.json has layers other than full_attention; not supported")
-    if any(v != 1 for v in config.get("no_rope_layers", [])):
+    if any(not _is_int(v) or v != 1 for v in config.get("no_rope_layers", [])):
         raise UserError("config.json has layers without RoPE; not supported")
     for key in ("moe_layers", "dense_layers", "first_k_dense_replace"):
         if config.get(key):
             raise UserError(f"config.json sets {key}; every MobileMoE layer is MoE, dense layers are not supported")
+
+
+def _check_token_ids(config: Dict[str, Any]) -> None:
+    """eos_token_id: one id or a list of them, each a token of the vocabulary
+    (the tokenizer stops on them); null means none."""
+    eos, vocab = config.get("eos_token_id"), config["vocab_size"]
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(_is_int(i) and 0 <= i < vocab for i in ids):
+        raise _bad("eos_token_id", f"a token id below vocab_size ({vocab}) or a list of them", eos)
 
 
 def check_qat_block(block: Any) -> int:
@@ -174,7 +254,12 @@ def check_qat_block(block: Any) -> int:
 
 
 def validate_config(config: Any) -> None:
-    """Raise UserError unless `config` describes the model docs/architecture.md describes."""
+    """Raise UserError unless `config` describes the model docs/architecture.md
+    describes, with every field the model reads of the right type and range.
+
+    The one place config.json is checked: the converter calls it on a
+    checkpoint's config, the loader on a converted directory's (which also
+    carries mlx-lm's `quantization` block, marked by `source_layout`)."""
     if not isinstance(config, dict):
         raise UserError("config.json is not a JSON object")
     if config.get("model_type") != "mobilemoe":
@@ -182,24 +267,26 @@ def validate_config(config: Any) -> None:
             f"config.json has model_type {config.get('model_type')!r}, not 'mobilemoe': "
             "this is not a MobileMoE checkpoint"
         )
-    missing = [k for k in _REQUIRED if k not in config]
-    if missing:
-        raise UserError(f"config.json lacks {', '.join(missing)}")
-    for key in _REQUIRED:
-        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
-            raise UserError(f"config.json's {key} must be a positive integer, not {config[key]!r}")
+    _check_fields(config, _FIELDS)
     for key, expected in _FIXED.items():
-        if key in config and config[key] != expected:
-            raise UserError(
-                f"config.json sets {key}={config[key]!r}; MobileMoE as specified "
-                f"uses {expected!r} and nothing else is implemented"
-            )
+        value = config.get(key, expected)
+        if type(value) is not type(expected) or value != expected:
+            raise UserError(f"config.json: {key} must be {_shown(expected)} (MobileMoE as "
+                            f"specified; nothing else is implemented), got {_shown(value)}")
+    if config["head_dim"] % 2:
+        raise _bad("head_dim", "even (RoPE turns pairs of dimensions)", config["head_dim"])
     _check_rope(config)
     _check_layers(config)
+    _check_token_ids(config)
     if config["num_experts_per_tok"] > config["num_local_experts"]:
         raise UserError("config.json chooses more experts per token than it has")
     if config["num_attention_heads"] % config["num_key_value_heads"]:
         raise UserError("config.json's attention heads are not a multiple of its KV heads")
+    if "source_layout" in config and config.get("quantization") is not None:
+        block = config["quantization"]
+        if not isinstance(block, dict):
+            raise _bad("quantization", "an object", block)
+        _check_fields(block, _MLX_QUANTIZATION, "quantization.")
 
 
 def check_config_fits(config: Dict[str, Any], stored_bytes: int, where: str) -> None:

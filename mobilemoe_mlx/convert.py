@@ -10,18 +10,17 @@ bf16/fp32 weights are quantized to INT4 group-32 by default.
 """
 
 import json
-import math
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
 
-from . import packing
 from ._version import __version__
-from .checkpoint import TensorSource, open_checkpoint, read_text
+from .checkpoint import INDEX_FILE, TensorSource, open_checkpoint, read_text, weight_files
 from .config import (
     CONVERT_BITS,
     DTYPE_NAMES,
@@ -34,118 +33,23 @@ from .config import (
 from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
-    BIAS,
-    EXPERTS,
-    NORM,
-    PER_EXPERT,
     QAT,
     QUANTIZABLE,
-    ROUTER,
     Weight,
     check_tensors_against_layout,
     detect_layout,
     model_weights,
-    source_tensors,
 )
-from .output_dir import atomic_output_dir, check_not_overlapping, check_output_dir
+from .output_dir import USER_OUT, Destination, atomic_output_dir, check_output_dir
 from .runtime import current as current_runtime
 from .safetensors_writer import Group, write_model
+from .tensor_converter import TensorConverter
 
 MODEL_FILE = "mobilemoe.py"
 DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 DEFAULT_MAX_SHARD_BYTES = 4 << 30  # mlx-lm's loaders are happy with a few GB a file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
-
-
-class _Converter:
-    """Turns one Weight into MLX tensors; holds the choices made once per run."""
-
-    def __init__(self, source: TensorSource, layout: str, dtype: mx.Dtype,
-                 quantize: bool, bits: int, group_size: int, qat_group_size: int):
-        self.source, self.layout, self.dtype = source, layout, dtype
-        self.quantize, self.bits, self.group_size = quantize, bits, group_size
-        self.qat_group_size = qat_group_size
-        # QAT weights already are INT4 g32: asking for exactly that keeps them as they are.
-        self.carry_qat = (layout == QAT and quantize and bits == 4
-                          and group_size == qat_group_size)
-        self.errors: Dict[str, float] = {}
-        self.zero_scales: List[str] = []  # weights whose every scale is zero
-
-    def _load(self, name: str) -> mx.array:
-        """A checkpoint tensor, refused if it holds NaN or infinity: those would
-        become a model that answers garbage, never an error."""
-        a = self.source.load(name)
-        if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
-            raise UserError(f"the checkpoint's tensor {name} holds NaN or infinite values; "
-                            "the checkpoint is damaged: download it again")
-        return a
-
-    def produce(self, w: Weight) -> Dict[str, mx.array]:
-        arrays = self._produce(w)
-        for name, a in arrays.items():
-            if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
-                raise UserError(
-                    f"{name} does not fit in {str(a.dtype).split('.')[-1]} (it overflows to "
-                    "infinity); convert with --dtype float32")
-            if name.endswith(".scales") and not mx.any(a).item():
-                self.zero_scales.append(w.path)
-        error = self.errors.get(w.path, 0.0)
-        if not math.isfinite(error):
-            raise UserError(f"quantizing {w.path} gave a non-finite error ({error}); "
-                            "convert with --no-quantize or --dtype float32")
-        return arrays
-
-    def specs(self, w: Weight):
-        if w.kind in (ROUTER, BIAS):
-            return {self._name(w): (w.shape, mx.float32)}
-        if w.kind in QUANTIZABLE and self.quantize:
-            *lead, last = w.shape
-            words = (*lead, last * self.bits // 32)
-            groups = (*lead, last // self.group_size)
-            return {f"{w.path}.weight": (words, mx.uint32),
-                    f"{w.path}.scales": (groups, self.dtype),
-                    f"{w.path}.biases": (groups, self.dtype)}
-        return {f"{w.path}.weight": (w.shape, self.dtype)}
-
-    @staticmethod
-    def _name(w: Weight) -> str:
-        return w.path if w.kind == BIAS else f"{w.path}.weight"
-
-    def _produce(self, w: Weight) -> Dict[str, mx.array]:
-        roles = source_tensors(w, self.layout, self.qat_group_size)
-        load = self._load
-        if w.kind in (ROUTER, BIAS):
-            return {self._name(w): load(roles["weight"].name).astype(mx.float32)}
-        if w.kind == NORM:
-            return {f"{w.path}.weight": load(roles["weight"].name).astype(self.dtype)}
-        if self.carry_qat:
-            weight, scales, biases = packing.qat_to_mlx(
-                load(roles["qweight"].name), load(roles["scale"].name).astype(self.dtype))
-            return {f"{w.path}.weight": weight, f"{w.path}.scales": scales,
-                    f"{w.path}.biases": biases}
-        full = self._dense(w, roles)
-        if not self.quantize:
-            return {f"{w.path}.weight": full.astype(self.dtype)}
-        weight, scales, biases, err = packing.quantize(full, self.group_size, self.bits, self.dtype)
-        self.errors[w.path] = err
-        return {f"{w.path}.weight": weight, f"{w.path}.scales": scales,
-                f"{w.path}.biases": biases}
-
-    def _dense(self, w: Weight, roles) -> mx.array:
-        load = self._load
-        if self.layout == QAT:
-            return packing.dequantize_qat(load(roles["qweight"].name), load(roles["scale"].name))
-        if self.layout == PER_EXPERT and w.kind == EXPERTS:
-            # Per-expert tensors are [out, in]; the model keeps experts [E, in, out].
-            if w.path.endswith("gate_up_proj"):
-                per_expert = [mx.concatenate([load(roles[f"gate.{j}"].name).T,
-                                              load(roles[f"up.{j}"].name).T], axis=-1)
-                              for j in range(w.shape[0])]
-            else:
-                per_expert = [load(roles[f"down.{j}"].name).T for j in range(w.shape[0])]
-            return mx.stack(per_expert)
-        return load(roles["weight"].name)
 
 
 def _one_of(choices) -> str:
@@ -193,7 +97,7 @@ def _listing(names: List[str], limit: int = 4) -> str:
 def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (src_dir / name).exists():
+        if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, out / name)
             copied.append(name)
     tc = out / "tokenizer_config.json"
@@ -268,45 +172,76 @@ def is_replaceable_output(path: Path) -> bool:
                for child in path.iterdir())
 
 
-def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
-            q_bits: int = 4, q_group_size: Optional[int] = None, force: bool = False,
-            revision: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            progress: bool = True, require_tokenizer: bool = False) -> Path:
-    """Convert a MobileMoE checkpoint into an MLX directory at `out`.
+@dataclass
+class Conversion:
+    """A conversion with every input checked and every choice made; nothing written yet."""
 
-    Args:
-        source: a checkpoint directory, a weights file (.safetensors, .pt, .pth,
-            .bin; config.json beside it), or a Hub repo id.
-        out: the directory to create. It is written under a temporary name and
-            renamed when complete, so a failed run leaves nothing at `out`.
-        dtype: float16, bfloat16 or float32 for every floating tensor except the
-            router (always float32). Default: float16 for QAT checkpoints (their
-            scales are fp16), the checkpoint's own dtype otherwise.
-        quantize: quantize linears, embedding and experts (the default).
-        q_bits, q_group_size: 4 or 8 bits; groups of 32, 64 or 128. Default group
-            size: a QAT checkpoint's own (its INT4 weights are then copied bit
-            for bit), 32 otherwise.
-        force: replace an existing `out` that is a converted model.
-        revision: Hub branch, tag or commit.
-        require_tokenizer: fail before converting when the source has no
-            tokenizer.json (otherwise only warn: it can be copied in later).
-    Returns:
-        The output directory.
-    """
-    out_path = check_output_dir(out, force, is_replaceable_output,
-                                "a converted model (holding only the files a conversion "
-                                "writes)")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
+    source: str  # as the caller gave it (recorded in conversion.json)
+    commit: Optional[str]  # the Hub commit, for a repo id
+    out: Path
+    config: dict
+    tensors: TensorSource
+    layout: str
+    weights: List[Weight]
+    qat_group: int  # a QAT checkpoint's group size (32 otherwise)
+    quantization: Optional[dict]  # mlx-lm's {"group_size", "bits", "mode"}; None keeps dense
+    dtype: str
+    tokenizer_dir: Path  # where the tokenizer files beside the weights are
 
-    src_path, commit = _resolve_source(source, revision)
-    check_not_overlapping(out_path, src_path)
+
+def default_dtype(tensors: TensorSource) -> str:
+    """The output dtype when none is asked for: float16 for QAT checkpoints
+    (their scales are fp16), the checkpoint's own dtype (bf16, fp32) otherwise."""
+    embed = tensors.info.get("model.embed_tokens.weight")
+    return {"BF16": "bfloat16", "F32": "float32"}.get(embed.dtype if embed else "", "float16")
+
+
+def source_files(src_path: Path) -> List[Path]:
+    """Every file a conversion of `src_path` reads: the weights, and the config,
+    index and tokenizer files beside them (those that exist)."""
+    folder = src_path if src_path.is_dir() else src_path.parent
+    beside = [folder / "config.json", folder / INDEX_FILE, *(folder / n for n in TOKENIZER_FILES)]
+    return weight_files(src_path) + [f for f in beside if f.is_file()]
+
+
+def _check_spares_source(out: Path, src_path: Path, dest: Destination) -> None:
+    """Refuse an output that is, or holds, a file the conversion reads: writing
+    there, or replacing it with --force, would destroy the checkpoint. An output
+    beside those files is fine (a subdirectory of the checkpoint's directory, or
+    the cache under a home directory that holds a checkpoint): the readers take
+    regular files, by name, from the directory itself, so it is never read as input."""
+    for f in source_files(src_path):
+        target = f.resolve()  # a Hub snapshot's files are links into its blobs
+        if out == target or out in target.parents:
+            raise UserError(f"{dest.label} {out} contains the checkpoint's file {f}, which "
+                            f"writing there would destroy; {dest.elsewhere}")
+
+
+def _check_source(source: str, src_path: Path, out: Path, require_tokenizer: bool,
+                  dest: Destination) -> None:
+    """What can be refused about the source before it is opened."""
     if is_converted(src_path):
         raise UserError(f"{src_path} is already converted: load it directly")
-    tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
-    if require_tokenizer and not (tokenizer_dir / "tokenizer.json").is_file():
+    _check_spares_source(out, src_path, dest)
+    folder = src_path if src_path.is_dir() else src_path.parent
+    if require_tokenizer and not (folder / "tokenizer.json").is_file():
         raise UserError(f"{source} has no tokenizer.json: copy the model's tokenizer files "
                         "next to its weights")
+
+
+def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
+                     q_bits: int = 4, q_group_size: Optional[int] = None, force: bool = False,
+                     revision: Optional[str] = None, require_tokenizer: bool = False,
+                     dest: Destination = USER_OUT) -> Conversion:
+    """Every check a conversion makes before it writes anything, and its choices
+    (see `convert` for the arguments; `dest` names `out` in messages)."""
+    out_path = check_output_dir(out, force, is_replaceable_output,
+                                "a converted model (holding only the files a conversion "
+                                "writes)", dest)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
+    src_path, commit = _resolve_source(source, revision)
+    _check_source(source, src_path, out_path, require_tokenizer, dest)
     config, tensors = open_checkpoint(src_path)
     validate_config(config)
     check_config_fits(config, tensors.stored_bytes(), str(src_path))
@@ -317,34 +252,41 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
     q_group_size = q_group_size or qat_group
     if quantize:
         _check_group_size(weights, q_group_size, q_bits)
-    if dtype is None:
-        embed = tensors.info.get("model.embed_tokens.weight")
-        dtype = {"BF16": "bfloat16", "F32": "float32"}.get(embed.dtype if embed else "", "float16")
-    converter = _Converter(tensors, layout, DTYPES[dtype], quantize, q_bits, q_group_size, qat_group)
+    dtype = dtype or default_dtype(tensors)
     if not quantize and dtype != "float32" and not current_runtime().half_precision_fast:
         print(f"warning: MLX's CPU backend runs unquantized experts only in float32; this "
               f"{dtype} output will load only where MLX runs on a GPU", file=sys.stderr)
-    if converter.carry_qat and dtype == "bfloat16":
+    return Conversion(
+        source, commit, out_path, config, tensors, layout, weights, qat_group,
+        {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None,
+        dtype, src_path if src_path.is_dir() else src_path.parent)
+
+
+def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     progress: bool = True) -> Path:
+    """Write the checked conversion `c` into its output directory (whole or not at all)."""
+    q = c.quantization or {}
+    converter = TensorConverter(c.tensors, c.layout, DTYPES[c.dtype], c.quantization is not None,
+                           q.get("bits", 4), q.get("group_size", c.qat_group), c.qat_group)
+    if converter.carry_qat and c.dtype == "bfloat16":
         print("warning: bfloat16 cannot hold the checkpoint's fp16 scales exactly; "
               "use float16 or float32 to keep the weights bit-exact", file=sys.stderr)
-    groups = [Group(converter.specs(w), lambda w=w: converter.produce(w)) for w in weights]
+    groups = [Group(converter.specs(w), lambda w=w: converter.produce(w)) for w in c.weights]
 
-    with atomic_output_dir(out_path) as tmp:
+    with atomic_output_dir(c.out) as tmp:
         from huggingface_hub.utils import tqdm
 
         with tqdm(total=len(groups), desc="converting", unit="tensor",
                   disable=not progress) as bar:
             files = write_model(tmp, groups, max_shard_bytes, bar.update)
-        quantization = ({"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
-                        if quantize else None)
-        cfg = converted_config(config, quantization, layout)
+        cfg = converted_config(c.config, c.quantization, c.layout)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         shutil.copy2(Path(__file__).with_name("model.py"), tmp / MODEL_FILE)
-        copied = _copy_tokenizer(tokenizer_dir, tmp)
+        copied = _copy_tokenizer(c.tokenizer_dir, tmp)
         report = {
-            "converter": f"mobilemoe-mlx {__version__}", "source": source,
-            "revision": commit, "layout": layout, "dtype": dtype,
-            "quantization": quantization,
+            "converter": f"mobilemoe-mlx {__version__}", "source": c.source,
+            "revision": c.commit, "layout": c.layout, "dtype": c.dtype,
+            "quantization": c.quantization,
             "bit_exact_int4": converter.carry_qat,
             "weights_bytes": sum((tmp / f).stat().st_size for f in files),
             "max_abs_quantization_error": converter.errors,
@@ -357,5 +299,36 @@ def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool =
                   file=sys.stderr)
         if "tokenizer.json" not in copied:
             print(f"warning: no tokenizer.json beside the checkpoint; copy the tokenizer "
-                  f"files into {out_path} before loading it", file=sys.stderr)
-    return out_path
+                  f"files into {c.out} before loading it", file=sys.stderr)
+    return c.out
+
+
+def convert(source: str, out: str, dtype: Optional[str] = None, quantize: bool = True,
+            q_bits: int = 4, q_group_size: Optional[int] = None, force: bool = False,
+            revision: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            progress: bool = True, require_tokenizer: bool = False) -> Path:
+    """Convert a MobileMoE checkpoint into an MLX directory at `out`.
+
+    Args:
+        source: a checkpoint directory, a weights file (.safetensors, .pt, .pth,
+            .bin; config.json beside it), or a Hub repo id.
+        out: the directory to create. It is written under a temporary name and
+            renamed when complete, so a failed run leaves nothing at `out`.
+        dtype: float16, bfloat16 or float32 for every floating tensor except the
+            router (always float32). Default: `default_dtype` (float16 for QAT
+            checkpoints, whose scales are fp16; the checkpoint's own otherwise).
+        quantize: quantize linears, embedding and experts (the default).
+        q_bits, q_group_size: 4 or 8 bits; groups of 32, 64 or 128. Default group
+            size: a QAT checkpoint's own (its INT4 weights are then copied bit
+            for bit), 32 otherwise.
+        force: replace an existing `out` that is a converted model.
+        revision: Hub branch, tag or commit.
+        require_tokenizer: fail before converting when the source has no
+            tokenizer.json (otherwise only warn: it can be copied in later).
+    Returns:
+        The output directory.
+    """
+    return write_conversion(
+        check_conversion(source, out, dtype, quantize, q_bits, q_group_size, force, revision,
+                         require_tokenizer),
+        max_shard_bytes, progress)

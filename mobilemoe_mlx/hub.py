@@ -52,13 +52,14 @@ def _explain(repo_id: str, error: Exception) -> UserError:
         return UserError(f"{repo_id} has no such revision; check --revision")
     if isinstance(error, errors.RepositoryNotFoundError):
         return UserError(
-            f"{repo_id} was not found, or you are not logged in to see it: check the "
-            "name, accept the license on the model page and run `hf auth login`"
+            f"{_no_directory(repo_id)}, and as a Hub repo it was not found, or you are not "
+            "logged in to see it: check the path or the name; for a Hub repo accept the "
+            "license on the model page and run `hf auth login`"
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
         return UserError(
-            f"{repo_id} is not a local path and cannot be fetched: the Hugging Face Hub "
-            "is unreachable and the repo is not in the local cache; check the path, "
+            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
+            "Face Hub is unreachable and the repo is not in the local cache; check the path, "
             "connect to the network, or pass a local checkpoint path"
         )
     if isinstance(error, errors.HFValidationError):
@@ -112,9 +113,19 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
         if ref.exists():
             return ref.read_text().strip()
         raise UserError(
-            f"cannot reach the Hugging Face Hub ({type(e).__name__}) and {repo_id} has "
-            "not been converted here before: connect, or pass a local checkpoint path"
+            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
+            f"Face Hub is unreachable ({type(e).__name__}) and the repo has not been converted "
+            "here before; check the path, connect to the network, or pass a local checkpoint path"
         ) from e
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(commit)
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    except OSError:
+        pass  # only a note for loading offline later; the cache's own writes say what is wrong
     return commit
+
+
+def _no_directory(repo_id: str) -> str:
+    """The first half of a message about a repo id that could also be a path
+    (`mlx/MobileMoE-S` is both): that there is no such directory."""
+    return f"there is no directory {repo_id} in {Path.cwd()}"

@@ -2,10 +2,11 @@
 
 import hashlib
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,11 +19,21 @@ from .checkpoint import (
     tensor_bytes,
 )
 from .config import check_config_fits, validate_config
-from .convert import convert, is_converted  # noqa: F401 - is_converted is public here too
+from .convert import (  # noqa: F401 - is_converted is public here too
+    check_conversion,
+    is_converted,
+    source_files,
+    write_conversion,
+)
 from .errors import UserError
 from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
-from .output_dir import disk_error
+from .output_dir import Destination, os_error_reason
 from .runtime import current as current_runtime
+
+# How messages name a conversion into the cache: the user passed no --out.
+CACHE_ENTRY = Destination(
+    label="the cache entry", replace="delete it",
+    elsewhere="point MOBILEMOE_MLX_HOME at a directory elsewhere that you can write to")
 
 try:  # Linux and macOS; elsewhere concurrent first loads are not serialised
     import fcntl
@@ -69,10 +80,22 @@ def check_converted_weights(path: Path) -> int:
     return total
 
 
-def load_converted(path: Path, lazy: bool = False,
-                   float32_on_cpu: bool = False) -> Tuple[nn.Module, dict]:
+def check_converted(path: Path) -> dict:
+    """The config.json of a converted directory, read and checked once, after
+    every weights file's header is checked against its size and the config
+    against the bytes the weights hold (DamagedConversion if a file is damaged)."""
+    config = read_config(path / "config.json")
+    validate_config(config)
+    check_config_fits(config, check_converted_weights(path), str(path))
+    return config
+
+
+def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
+                   config: Optional[dict] = None) -> Tuple[nn.Module, dict]:
     """The model of a converted directory, through mlx-lm's own loader.
 
+    `config` is what `check_converted(path)` returned, when the caller already
+    checked the directory (so nothing is read twice); otherwise it is checked here.
     With `float32_on_cpu` (what load() asks for), where MLX runs on the CPU
     (runtime.py) the floating parameters are cast to float32 (quantized
     weights stay quantized; their scales and biases are cast): the CPU backend
@@ -83,9 +106,8 @@ def load_converted(path: Path, lazy: bool = False,
 
     from .model import Model, ModelArgs
 
-    config = read_config(path / "config.json")
-    validate_config(config)
-    check_config_fits(config, check_converted_weights(path), str(path))
+    if config is None:
+        check_converted(path)
     try:
         model, config = load_model(
             path, lazy=lazy, model_config={"model_file": None},
@@ -135,14 +157,11 @@ def conversion_dtype() -> Optional[str]:
 
 
 def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
-    """Keyed by absolute path and the size and modification time of the weights
-    and of the config and tokenizer beside them: a changed file converts again."""
-    folder = path if path.is_dir() else path.parent
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    if path.is_file():
-        files = [path] + [f for f in files if f.suffix not in WEIGHT_SUFFIXES]
+    """Keyed by absolute path and the size and modification time of every file
+    a conversion reads (weights, config, tokenizer): a changed one converts
+    again, while other files beside them (a home directory's) change nothing."""
     key = hashlib.sha256(f"{path.resolve()}:{dtype}".encode())
-    for f in files:
+    for f in source_files(path):
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return cache_root() / "local" / key.hexdigest()[:16]
@@ -151,16 +170,19 @@ def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:
 def check_source_argument(source: str, option: str = "source") -> None:
     """Reject a source `load()` cannot use, before anything is fetched or converted:
     an empty one, a file that is no weights file, or neither a path nor a repo id."""
+    cli = option.startswith("--")  # the CLIs also take the sizes S, M and L
     if not source.strip():
-        sizes = "S, M, L, " if option.startswith("--") else ""  # the CLIs also take sizes
-        raise UserError(f"{option} is empty: give {sizes}a Hub repo id or a path")
+        raise UserError(f"{option} is empty: give {'S, M, L, ' if cli else ''}a Hub repo id "
+                        "or a path")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir() and path.suffix not in WEIGHT_SUFFIXES:
             raise UserError(f"{option} {source} is neither a directory nor a weights file "
                             f"({' '.join(WEIGHT_SUFFIXES)}); pass the checkpoint's directory")
     elif not looks_like_repo_id(source):
-        raise UserError(f"{option} {source} is neither an existing path nor a Hub repo id "
+        # A name without a slash is more likely a mistyped size than a path.
+        size = "a model size (S, M or L), " if cli and os.sep not in source else ""
+        raise UserError(f"{option} {source} is neither {size}an existing path nor a Hub repo id "
                         "(org/name)")
 
 
@@ -173,54 +195,67 @@ def _conversion_lock(target: Path) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a")
     except OSError as e:
-        raise disk_error(e, lock.parent) or e from e
+        raise UserError(f"cannot write the cache {cache_root()}: {os_error_reason(e)}; "
+                        f"{CACHE_ENTRY.elsewhere}") from e
     with handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
-def _cached(target: Path, progress: bool) -> bool:
-    """Whether the cache entry `target` is a whole converted model; a damaged one
-    (say, truncated weights) is reported and converted again."""
+def _cached(target: Path, progress: bool) -> Optional[dict]:
+    """The checked config of the cache entry `target` if it is a whole converted
+    model, else None; a damaged one (say, truncated weights) is reported and
+    converted again."""
     if not is_converted(target):
-        return False
+        return None
     try:
-        check_converted_weights(target)
-    except DamagedConversion as e:
+        config = check_converted(target)
+    except UserError as e:
         print(f"warning: {e}; converting it again", file=sys.stderr)
-        return False
+        return None
     if progress:
         print(f"using the converted model cached at {target}", file=sys.stderr)
-    return True
+    return config
+
+
+BeforeConverting = Callable[[dict, Path], None]
 
 
 def resolve_converted(path_or_repo: str, revision: Optional[str] = None,
-                      progress: bool = True) -> Path:
-    """A converted directory for any source, converting into the cache once."""
+                      progress: bool = True,
+                      before_converting: Optional[BeforeConverting] = None) -> Tuple[Path, dict]:
+    """A converted directory for any source, converting into the cache once, and
+    its checked config. Before a conversion starts, every check it makes is made
+    (and `before_converting(config, checkpoint directory)` called) first, so a
+    refusal comes before the "converting" line, not after."""
     check_source_argument(path_or_repo)
     dtype = conversion_dtype()
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if is_converted(path):
-            return path
+            return path, check_converted(path)
         target = _local_cache_dir(path, dtype)
     else:  # check_source_argument made sure it is a repo id
         commit = resolve_revision(path_or_repo, revision)
         target = converted_cache_dir(path_or_repo, commit + (f"-{dtype}" if dtype else ""))
-    if target.exists() and _cached(target, progress):
-        return target
+    if target.exists() and (config := _cached(target, progress)) is not None:
+        return target, config
     with _conversion_lock(target):
-        if _cached(target, progress):  # another process converted it while we waited
-            return target
+        if (config := _cached(target, progress)) is not None:
+            return target, config  # another process converted it while we waited
+        conversion = check_conversion(path_or_repo, str(target), dtype=dtype, revision=revision,
+                                      force=True, require_tokenizer=True, dest=CACHE_ENTRY)
+        if before_converting is not None:
+            before_converting(conversion.config, conversion.tokenizer_dir)
         if progress:
             print(f"converting {path_or_repo} once into {target}", file=sys.stderr)
-        return convert(path_or_repo, str(target), dtype=dtype, revision=revision, force=True,
-                       progress=progress, require_tokenizer=True)
+        write_conversion(conversion, progress=progress)
+    return target, check_converted(target)
 
 
 def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
-         progress: bool = True):
+         progress: bool = True, before_converting: Optional[BeforeConverting] = None):
     """Load a MobileMoE model and its tokenizer.
 
     Args:
@@ -232,12 +267,16 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
             and commit (or by path and file times); float32 where MLX runs on the CPU.
         revision: Hub branch, tag or commit.
         lazy: leave weights on disk until first use.
+        before_converting: called with the checkpoint's checked config and its
+            directory when a conversion is about to start, to refuse (UserError)
+            what the caller would refuse once the model is loaded (chat: a
+            checkpoint without a chat template) before the conversion runs.
     Where MLX runs on the CPU, floating parameters are cast to float32 in memory
     (see load_converted); the directory on disk is left as it is.
     Returns:
         ``(model, tokenizer)``: an mlx-lm compatible model and mlx-lm's
         TokenizerWrapper, ready for ``mlx_lm.generate`` / ``stream_generate``.
     """
-    path = resolve_converted(path_or_repo, revision, progress)
-    model, config = load_converted(path, lazy, float32_on_cpu=True)
+    path, config = resolve_converted(path_or_repo, revision, progress, before_converting)
+    model, config = load_converted(path, lazy, float32_on_cpu=True, config=config)
     return model, load_tokenizer(path, config.get("eos_token_id"))

@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -35,37 +37,96 @@ _DISK_ERRORS = {
 }
 
 
+@dataclass(frozen=True)
+class Destination:
+    """How messages name an output directory, so they never speak of --out or
+    --force to someone who passed neither (a load() that converts into the cache)."""
+
+    label: str = "--out"  # "--out /x/y is ..."
+    elsewhere: str = "name another directory"  # what to do when it cannot be written
+    replace: str = "pass --force to replace it"  # what to do when it exists
+
+
+USER_OUT = Destination()
+
+
 def check_output_dir(out: str, force: bool, replaceable: Callable[[Path], bool],
-                     what: str) -> Path:
+                     what: str, dest: Destination = USER_OUT) -> Path:
     """The absolute output path, if it may be written; UserError otherwise.
 
     `replaceable(path)` says whether an existing directory is one of ours
-    (`what`), so --force never deletes an unrelated directory."""
-    path = Path(out).expanduser().resolve()
-    cwd = Path.cwd().resolve()
+    (`what`), so --force never deletes an unrelated directory. Whether the
+    directory can be made at all (a file in the way, a read-only or pseudo
+    file system such as /proc, a name too long) is found out here, before any
+    work, by making and removing an empty directory where it will go."""
+    try:
+        path = Path(out).expanduser().resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a NUL byte, a symlink loop
+        raise UserError(f"{dest.label} {out!r} is not a usable path ({e}); {dest.elsewhere}") from e
     if path == cwd or path in cwd.parents:
-        raise UserError(f"--out {path} is the current directory or one of its parents; "
-                        "name a new directory")
-    if path.exists():
+        raise UserError(f"{dest.label} {path} is the current directory or one of its parents; "
+                        f"{dest.elsewhere}")
+    if _exists(path):
         if not force:
-            raise UserError(f"{path} already exists; pass --force to replace it")
+            raise UserError(f"{path} already exists; {dest.replace}")
         if not path.is_dir() or (any(path.iterdir()) and not replaceable(path)):
-            raise UserError(f"{path} exists and is not {what}; --force replaces only that, "
-                            "so move or delete it yourself")
+            raise UserError(f"{path} exists and is not {what}"
+                            + ("; --force replaces only that" if dest is USER_OUT else "")
+                            + ", so move or delete it yourself")
+    _check_creatable(path, dest)
     return path
 
 
-def check_not_overlapping(out: Path, source: Path) -> None:
-    """Refuse an output that holds the source, is it, or lies inside it: writing
-    there (or replacing it with --force) could delete the checkpoint itself."""
-    out, source = out.resolve(), source.resolve()
-    if out == source or out in source.parents:
-        raise UserError(f"--out {out} contains the checkpoint {source}; "
-                        "choose an output directory outside it")
-    source_dir = source if source.is_dir() else source.parent
-    if source_dir in out.parents:
-        raise UserError(f"--out {out} is inside the checkpoint directory {source_dir}; "
-                        "choose an output directory outside it")
+def _check_creatable(path: Path, dest: Destination) -> None:
+    """Refuse an output directory that cannot be made, saying why."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"{dest.label} {path} cannot be created: {why}; {dest.elsewhere}")
+
+    anchor = next(p for p in [path.parent, *path.parent.parents] if _exists(p))
+    if not anchor.is_dir():
+        raise refuse(f"{anchor} is a file, not a directory")
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+        path_max = os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    # The longest name written is the temporary sibling (atomic_output_dir).
+    longest = _temporary(path)
+    for part in [*path.relative_to(anchor).parts[:-1], longest.name]:
+        if len(os.fsencode(part)) > name_max:
+            raise refuse(f"a name in it is longer than this file system takes ({name_max} "
+                         "bytes, with room for the temporary name written first)")
+    if len(os.fsencode(str(longest))) >= path_max:
+        raise refuse(f"the path is longer than this system takes ({path_max} bytes)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mobilemoe-mlx-probe-", dir=anchor))
+    except OSError as e:
+        raise refuse(os_error_reason(e)) from e
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to look up: it does not exist (the caller says why)
+        return False
+
+
+def _temporary(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial-{os.getpid()}")
+
+
+def os_error_reason(error: OSError) -> str:
+    """An OSError as a few words: what, and its errno's name."""
+    if error.errno in _DISK_ERRORS:
+        reason = _DISK_ERRORS[error.errno][0]
+    elif error.errno in (errno.ENOENT, errno.EINVAL, errno.EXDEV, errno.ENOTSUP):
+        # What mkdir in a pseudo file system (/proc, /sys) answers.
+        reason = "the file system there does not take new directories"
+    else:
+        reason = (error.strerror or str(error)).lower()
+    code = errno.errorcode.get(error.errno, "")
+    return f"{reason}{f' ({code})' if code else ''}"
 
 
 def disk_error(error: OSError, where: Path) -> Optional[UserError]:
@@ -127,18 +188,21 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     (replacing what was there), on any failure it is removed, with the parent
     directories this call created. A full or read-only disk is a UserError."""
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = _temporary(out)
     made = False
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_stale(out)
-        if tmp.exists():
-            if not _made_here(tmp):
-                raise UserError(f"{tmp} exists and was not made by this converter; move it")
-            _remove_tree(tmp)
-        tmp.mkdir()
-        made = True
-        _write_marker(tmp)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _sweep_stale(out)
+            if tmp.exists():
+                if not _made_here(tmp):
+                    raise UserError(f"{tmp} exists and was not made by this converter; move it")
+                _remove_tree(tmp)
+            tmp.mkdir()
+            made = True
+            _write_marker(tmp)
+        except OSError as e:  # check_output_dir found none of these; something changed since
+            raise disk_error(e, out) or UserError(f"cannot create {out}: {os_error_reason(e)}") from e
         yield tmp
         (tmp / MARKER).unlink()
         if out.exists():

@@ -160,7 +160,7 @@ def test_corrupt_file(good_qat, tmp_path):
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a positive integer"),
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
     ({"num_attention_heads": "4"}, "num_attention_heads must be a positive integer"),
-    ({"rope_scaling": {"rope_type": "llama3"}}, "positive number for factor"),
+    ({"rope_scaling": {"rope_type": "llama3"}}, "lacks rope_scaling.factor"),
     ({"rope_scaling": None}, "no rope_scaling block"),
     ({"rope_theta": "abc"}, "rope_theta"),
     ({"scoring_func": "softmax"}, "scoring_func"),
