@@ -172,15 +172,18 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Cast the model under test to this dtype. [default: a directory as load() "
                    "runs it here; a preset in this backend's dtype]")
+@click.option("--layers", type=int, help="Keep this many of a preset's layers (all of one "
+              "shape: a quicker check on a slow backend). [default: all]")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the prompt and of a preset's weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
-def parity(model, tokens, chunk, decode, dtype, seed, as_json, verbose):
+def parity(model, tokens, chunk, decode, dtype, layers, seed, as_json, verbose):
     """The model on the default device against the CPU in float32, layer by layer.
 
-    Exit code 1 when a figure is below its dtype's threshold (the first layer to
-    diverge is named), 0 when all agree."""
+    Each layer is given the CPU's input to it, so its figures are its own error;
+    the logits come from a free run. Exit code 1 when a figure is below its
+    dtype's threshold (the first such layer is named), 0 when all agree."""
     def go():
         import json
 
@@ -188,7 +191,7 @@ def parity(model, tokens, chunk, decode, dtype, seed, as_json, verbose):
 
         check_settings(tokens, chunk, decode)
         check(seed >= 0, f"--seed must be 0 or more, not {seed}")
-        under_test, reference = models_for(model, dtype, seed)
+        under_test, reference = models_for(model, dtype, seed, layers)
         ids = random_tokens(under_test.args.vocab_size, tokens, seed)
         result = compare(under_test, reference, ids, chunk, decode)
         click.echo(json.dumps(result.to_dict(), indent=1) if as_json

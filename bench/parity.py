@@ -104,46 +104,70 @@ class Parity:
 
 
 class _LayerTap(nn.Module):
-    """Keeps what a decoder layer returns; the layer computes as before."""
+    """Keeps what a decoder layer is given and returns. With `forced` (the
+    reference's inputs of this layer, [T, D]), the layer is given those instead
+    of the previous layer's output, at positions offset.. of the current piece."""
 
-    def __init__(self, inner: nn.Module, sink: list):
+    def __init__(self, inner: nn.Module, forced: Optional[np.ndarray] = None):
         super().__init__()
-        self.inner, self._sink = inner, sink
+        self.inner, self.forced = inner, forced
+        self.inputs: List[mx.array] = []
+        self.outputs: List[mx.array] = []
+        self.offset = 0
 
-    def __call__(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        self._sink.append(out)
+    def __call__(self, x, *args, **kwargs):
+        if self.forced is not None:
+            piece = self.forced[self.offset:self.offset + x.shape[1]]
+            x = mx.array(piece)[None].astype(x.dtype)
+        out = self.inner(x, *args, **kwargs)
+        self.inputs.append(x)
+        self.outputs.append(out)
         return out
 
 
-def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int
-          ) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+@dataclass
+class Trace:
+    inputs: List[np.ndarray]  # per layer, what it was given [T, D] (float32)
+    outputs: List[np.ndarray]  # per layer, what it returned [T, D]
+    experts: List[np.ndarray]  # per layer, the experts chosen [T, K]
+    logits: np.ndarray  # [T, V]
+
+
+def _rows(arrays: List[mx.array]) -> np.ndarray:
+    return np.concatenate([np.array(a[0].astype(mx.float32)) for a in arrays])
+
+
+def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int,
+          forced: Optional[List[np.ndarray]] = None) -> Trace:
     """Run `tokens` [T] through `model` on the current default stream: the first
     T - decode in prefill chunks of `chunk`, the rest one at a time, all through
-    one KV cache. Returns per layer the outputs [T, D] and expert choices [T, K]
-    (float32 / int), and the logits [T, V]."""
+    one KV cache, recording every layer's input, output and expert choices.
+    With `forced` (another run's per-layer inputs), each layer is given those:
+    its output then carries its own error alone, not its predecessors'."""
     recorder = ExpertRecorder(model)
-    outs: List[list] = [[] for _ in model.layers]
     inner = model.model.layers
-    model.model.layers = [_LayerTap(layer, sink) for layer, sink in zip(inner, outs)]
+    taps = [_LayerTap(layer, None if forced is None else forced[i])
+            for i, layer in enumerate(inner)]
+    model.model.layers = taps
     try:
         cache = make_prompt_cache(model)
         prefill = len(tokens) - decode
         pieces = [tokens[i:min(i + chunk, prefill)] for i in range(0, prefill, chunk)]
         pieces += [tokens[i:i + 1] for i in range(prefill, len(tokens))]
-        logits = []
+        logits, offset = [], 0
         with recorder.record():
             for piece in pieces:  # the generation loop, as mlx-lm's: not a forward pass
+                for tap in taps:
+                    tap.offset = offset
                 y = model(mx.array(piece)[None], cache=cache)
                 mx.eval(y, [c.state for c in cache])
                 logits.append(np.array(y[0].astype(mx.float32)))
-            hidden = [np.concatenate([np.array(h[0].astype(mx.float32)) for h in sink])
-                      for sink in outs]
-            experts = recorder.choices()
+                offset += len(piece)
+            return Trace([_rows(t.inputs) for t in taps], [_rows(t.outputs) for t in taps],
+                         recorder.choices(), np.concatenate(logits))
     finally:
         recorder.remove()
         model.model.layers = inner
-    return hidden, experts, np.concatenate(logits)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -165,22 +189,29 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
             decode: int = 8, dtype: Optional[str] = None, backend: Optional[str] = None
             ) -> Parity:
     """`model` on the default device against `reference` on the CPU (cast to
-    float32 here): the layer-by-layer figures, judged by THRESHOLDS[dtype]
-    (default: the model's activation dtype)."""
+    float32 here), judged by THRESHOLDS[dtype] (default: the model's
+    activation dtype).
+
+    Each layer is judged on its own error: it is given the reference's input to
+    that layer, so a fault shows in its layer alone and half precision's
+    rounding does not compound over the depth. The logits come from a free run
+    (each layer given the one before), as a user gets them."""
     reference.update(tree_map(_float32, reference.parameters()))
     with mx.stream(mx.cpu):
-        ref_hidden, ref_experts, ref_logits = trace(reference, tokens, chunk, decode)
-    hidden, experts, logits = trace(model, tokens, chunk, decode)
+        ref = trace(reference, tokens, chunk, decode)
+    own = trace(model, tokens, chunk, decode, forced=ref.inputs)
+    logits = trace(model, tokens, chunk, decode).logits
     dtype = dtype or _activation_dtype(model)
     layers = []
-    for i, (h, r, e, re) in enumerate(zip(hidden, ref_hidden, experts, ref_experts)):
-        c = _cosines(h, r)
+    for i, (out, want, e, re) in enumerate(zip(own.outputs, ref.outputs, own.experts,
+                                                ref.experts)):
+        c = _cosines(out, want)
         layers.append(LayerParity(i, float(c.min()), float(c.mean()), _experts_same(e, re)))
-    c = _cosines(logits, ref_logits)
+    c = _cosines(logits, ref.logits)
     return Parity(
         backend=backend or current_runtime().backend, dtype=dtype, tokens=len(tokens),
         layers=layers, logits_cosine_min=float(c.min()), logits_cosine_mean=float(c.mean()),
-        argmax_agree=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        argmax_agree=float((logits.argmax(-1) == ref.logits.argmax(-1)).mean()),
         thresholds=THRESHOLDS[dtype])
 
 
@@ -201,22 +232,33 @@ def cast(model: nn.Module, dtype: str) -> None:
                         for k, v in tree_flatten(model.parameters())])
 
 
-def models_for(name: str, dtype: Optional[str], seed: int) -> Tuple[nn.Module, nn.Module]:
+def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int] = None
+               ) -> Tuple[nn.Module, nn.Module]:
     """(the model as it runs here, a second copy to be the CPU float32 reference)
-    for a preset (synthetic weights, built twice from one seed) or a converted
-    directory (loaded as load() does: in its stored dtype on a GPU, float32 on
-    the CPU); `dtype` casts the first."""
+    for a preset (synthetic weights, built twice from one seed; `layers` keeps
+    that many of its layers, all of one shape) or a converted directory (loaded
+    as load() does: in its stored dtype on a GPU, float32 on the CPU); `dtype`
+    casts the first."""
     if name in PRESETS:
-        from .models import build_synthetic
+        from .models import build_synthetic, model_config
 
-        model, reference = (build_synthetic(name, "float32", seed=seed, fuse=True).model
-                            for _ in range(2))
+        config = model_config(name)
+        if layers is not None:
+            if not 1 <= layers <= config["num_hidden_layers"]:
+                raise UserError(f"--layers must be from 1 to {name}'s "
+                                f"{config['num_hidden_layers']}, not {layers}")
+            config.update(num_hidden_layers=layers, no_rope_layers=[1] * layers,
+                          layer_types=["full_attention"] * layers)
+        model, reference = (build_synthetic(name, "float32", seed=seed, config=config,
+                                            fuse=True).model for _ in range(2))
         dtype = dtype or current_runtime().compute_dtype
     else:
         from mobilemoe_mlx.loading import load_converted
 
         from .models import check_checkpoint
 
+        if layers is not None:
+            raise UserError("--layers applies to a preset, not to a converted directory")
         path = check_checkpoint(name, "--model")
         model, _ = load_converted(path, float32_on_cpu=True)
         reference, _ = load_converted(path)

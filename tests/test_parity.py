@@ -49,7 +49,8 @@ def test_a_fault_in_one_layer_is_named(pair, layer):
     norm.weight = norm.weight * 1.05  # what a wrong kernel in that layer's MoE might do
     p = compare(model, reference, tokens, chunk=8, decode=4)
     assert p.first_bad_layer() == layer
-    assert all(x.cosine_min == pytest.approx(1.0, abs=1e-7) for x in p.layers[:layer])
+    # Every other layer is given the reference's input, so only the faulty one errs.
+    assert [x.layer for x in p.layers if x.cosine_min < 0.9999] == [layer]
     assert p.failures()[0].startswith(f"layer {layer} is the first to diverge")
 
 
@@ -80,10 +81,26 @@ def test_trace_takes_the_chunked_and_the_decode_paths(pair):
     # Feeding the prompt in chunks and then one token at a time through the KV
     # cache gives the logits of one full forward pass.
     model, _, tokens = pair
-    _, experts, logits = trace(model, tokens, chunk=5, decode=6)
+    t = trace(model, tokens, chunk=5, decode=6)
     full = np.array(model(mx.array(tokens)[None])[0])
-    np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
-    assert all(e.shape == (len(tokens), 2) for e in experts)
+    np.testing.assert_allclose(t.logits, full, rtol=1e-4, atol=1e-4)
+    assert all(e.shape == (len(tokens), 2) for e in t.experts)
+    # Each layer was given the one before's output.
+    for before, after in zip(t.outputs, t.inputs[1:]):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_forced_inputs_replace_the_previous_layers_output(pair):
+    model, _, tokens = pair
+    free = trace(model, tokens, chunk=8, decode=4)
+    noise = [x + np.random.default_rng(i).normal(0, 0.1, x.shape).astype(np.float32)
+             for i, x in enumerate(free.inputs)]
+    forced = trace(model, tokens, chunk=8, decode=4, forced=noise)
+    for given, want in zip(forced.inputs, noise):
+        np.testing.assert_array_equal(given, want)
+    again = trace(model, tokens, chunk=8, decode=4, forced=free.inputs)
+    for a, b in zip(again.outputs, free.outputs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_split_at_gives_the_views_mx_split_gives():
@@ -110,6 +127,14 @@ def test_cli_reports_every_layer_and_passes(tmp_path):
 def test_cli_parity_of_a_converted_directory(synthetic_tiny):
     r = _bench("parity", "--model", synthetic_tiny, "--tokens", "12", "--decode", "2")
     assert r.exit_code == 0 and "parity: ok" in r.output, r.output
+    r = _bench("parity", "--model", synthetic_tiny, "--layers", "1")
+    assert r.exit_code == 2 and "--layers applies to a preset" in r.output
+
+
+def test_cli_layers_keeps_that_many_of_a_presets_layers():
+    r = _bench("parity", "--model", "tiny", "--layers", "1", "--tokens", "8", "--decode", "2")
+    rows = [ln for ln in r.output.splitlines() if ln.strip()[:1].isdigit()]
+    assert r.exit_code == 0 and len(rows) == 1
 
 
 @pytest.mark.parametrize("args,says", [
@@ -119,6 +144,8 @@ def test_cli_parity_of_a_converted_directory(synthetic_tiny):
     (["--decode", "-1"], "--decode must be from 0"),
     (["--seed", "-1"], "--seed must be 0 or more"),
     (["--model", "nowhere/at-all"], "--model nowhere/at-all: no such directory"),
+    (["--layers", "0"], "--layers must be from 1 to tiny's 2, not 0"),
+    (["--layers", "3"], "--layers must be from 1 to tiny's 2, not 3"),
 ])
 def test_cli_refuses_bad_settings_in_one_line(args, says):
     r = _bench("parity", *args)
