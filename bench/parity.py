@@ -34,6 +34,8 @@ from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.routing import ExpertRecorder
 from mobilemoe_mlx.runtime import current as current_runtime
 
+from .models import storage_of
+
 # What "agrees" means, by the dtype of the run under test. In float32 two
 # correct backends differ only in summation order (relative error ~1e-6), so
 # every position must agree to cosine 0.9999 with the same argmax. Half
@@ -201,7 +203,7 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
         ref = trace(reference, tokens, chunk, decode)
     own = trace(model, tokens, chunk, decode, forced=ref.inputs)
     logits = trace(model, tokens, chunk, decode).logits
-    dtype = dtype or _activation_dtype(model)
+    dtype = dtype or storage_of(model)[0]
     layers = []
     for i, (out, want, e, re) in enumerate(zip(own.outputs, ref.outputs, own.experts,
                                                 ref.experts)):
@@ -217,10 +219,6 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
 
 def _float32(a: mx.array) -> mx.array:
     return a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a
-
-
-def _activation_dtype(model: nn.Module) -> str:
-    return str(model.model.norm.weight.dtype).rsplit(".", 1)[-1]
 
 
 def cast(model: nn.Module, dtype: str) -> None:
@@ -240,7 +238,7 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
     as load() does: in its stored dtype on a GPU, float32 on the CPU); `dtype`
     casts the first."""
     if name in PRESETS:
-        from .models import build_synthetic, model_config
+        from .models import build_synthetic, model_config  # noqa: I001
 
         config = model_config(name)
         if layers is not None:

@@ -72,7 +72,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
                             before_converting=before_converting)
     # Weights are still on disk (lazy): this is the moment to warn.
     warning = fits_warning(asdict(model.args), model.args.max_position_embeddings, kv_bits=kv_bits,
-                           dtype=_activation_dtype(model))
+                           dtype=activation_dtype(model))
     if warning and progress:
         print(f"warning: {warning}; expect swapping or a failed load", file=sys.stderr)
     if not raw and not tokenizer.has_chat_template:
@@ -496,7 +496,7 @@ class _Generation:
     hard_stop: bool = False  # a second Ctrl-C broke out of the generation
 
 
-def _activation_dtype(model) -> str:
+def activation_dtype(model) -> str:
     """The dtype the model computes (and caches keys and values) in: its norms'."""
     import mlx.nn as nn
 

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, TextIO, Tuple
 
-from .chat import ChatSession, Turn
+from .chat import ChatSession, Turn, activation_dtype
 from .chat_options import SessionOptions, check_seed
 from .errors import UserError
+from .runtime import current as current_runtime
 
 PROMPT = ">>> "
 # What read_line returns for a line a strict stream could not decode: a lone
@@ -324,7 +325,8 @@ def chat(options: ChatOptions, stdin: TextIO = None, out: TextIO = None,
         return
     mode = "raw continuation" if session.raw else "chat"
     terminal.run(
-        f"{source} ({mode}, context {session.context} tokens"
+        f"{source} ({mode}, {current_runtime().backend} in {activation_dtype(main_model)}, "
+        f"context {session.context} tokens"
         + (f", draft {options.draft}" if options.draft else "")
         + "). /help for commands, Ctrl-D to quit.")
 
