@@ -34,7 +34,7 @@ from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.routing import ExpertRecorder
 from mobilemoe_mlx.runtime import current as current_runtime
 
-from .models import storage_of
+from .models import build_synthetic, check_checkpoint, model_config, storage_of
 
 # What "agrees" means, by the dtype of the run under test. In float32 two
 # correct backends differ only in summation order (relative error ~1e-6), so
@@ -238,8 +238,6 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
     as load() does: in its stored dtype on a GPU, float32 on the CPU); `dtype`
     casts the first."""
     if name in PRESETS:
-        from .models import build_synthetic, model_config  # noqa: I001
-
         config = model_config(name)
         if layers is not None:
             if not 1 <= layers <= config["num_hidden_layers"]:
@@ -252,8 +250,6 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
         dtype = dtype or current_runtime().compute_dtype
     else:
         from mobilemoe_mlx.loading import load_converted
-
-        from .models import check_checkpoint
 
         if layers is not None:
             raise UserError("--layers applies to a preset, not to a converted directory")
