@@ -36,21 +36,28 @@ from mobilemoe_mlx.runtime import current as current_runtime
 
 from .models import build_synthetic, check_checkpoint, model_config, storage_of
 
-# What "agrees" means, by the dtype of the run under test. In float32 two
-# correct backends differ only in summation order (relative error ~1e-6), so
-# every position must agree to cosine 0.9999 with the same argmax. Half
-# precision rounds every product and activation, and where a token's top-k
-# routing choice is nearly tied the rounding may pick another expert, which
-# legitimately moves that one position a long way (a quarter of S's routed
-# output changes); so half precision is judged on the mean over positions, the
-# share of expert choices made alike and the argmax agreement, never on the
-# worst position. The half-precision bounds sit below what float16 and bfloat16
-# give against float32 on the CPU over several seeds (docs/parity.md) and well
-# above what the broken GPU run gave (float16: mean cosine 0.944, argmax 58%).
+# What "agrees" means, by the dtype of the run under test.
+# - float32: two correct backends differ only in summation order (relative
+#   error ~1e-6), so each layer's output and the logits must agree to cosine
+#   0.9999 at every position, with the same argmax.
+# - Half precision rounds every product and activation. Where a token's top-k
+#   routing choice is nearly tied the rounding may pick another expert, which
+#   legitimately moves that one position a long way (a quarter of S's routed
+#   output changes), and in a free run every later layer inherits the change:
+#   random synthetic weights are chaotic, and 4 layers of S in float16 already
+#   agree with float32 on only half of the argmaxes. So half precision is
+#   judged layer by layer (each layer given the reference's input), on the mean
+#   cosine and the share of expert choices made alike, never on the worst
+#   position or on the free-running logits, which are reported only. The bounds
+#   sit below what float16 and bfloat16 give against float32 on the CPU
+#   (docs/parity.md) and far above a layer that computes something else.
 THRESHOLDS = {
-    "float32": dict(cosine_min=0.9999, cosine_mean=0.9999, experts_same=0.99, argmax=1.0),
-    "float16": dict(cosine_min=None, cosine_mean=0.98, experts_same=0.95, argmax=0.9),
-    "bfloat16": dict(cosine_min=None, cosine_mean=0.9, experts_same=0.9, argmax=0.7),
+    "float32": dict(cosine_min=0.9999, cosine_mean=0.9999, experts_same=0.99,
+                    logits=True, argmax=1.0),
+    "float16": dict(cosine_min=None, cosine_mean=0.98, experts_same=0.95,
+                    logits=False, argmax=None),
+    "bfloat16": dict(cosine_min=None, cosine_mean=0.9, experts_same=0.9,
+                     logits=False, argmax=None),
 }
 
 
@@ -90,6 +97,8 @@ class Parity:
             x = self.layers[bad]
             out.append(f"layer {bad} is the first to diverge (cosine min {x.cosine_min:.6f}, "
                        f"mean {x.cosine_mean:.6f}, experts alike {x.experts_same:.1%})")
+        if not t["logits"]:
+            return out
         if not self._cosine_ok(self.logits_cosine_min, self.logits_cosine_mean):
             out.append(f"logits cosine min {self.logits_cosine_min:.6f}, mean "
                        f"{self.logits_cosine_mean:.6f} below {describe(t)}")
@@ -286,15 +295,18 @@ def format_parity(name: str, p: Parity) -> str:
     t = p.thresholds
     lines = [f"parity of {name}: {p.backend} in {p.dtype} against the CPU in float32, "
              f"{p.tokens} random tokens",
-             "", f"{'layer':>5}  {'cosine min':>10}  {'mean':>10}  {'experts alike':>13}"]
+             "", "each layer given the CPU's input to it:",
+             f"{'layer':>5}  {'cosine min':>10}  {'mean':>10}  {'experts alike':>13}"]
     for x in p.layers:
         flag = "  <- first to diverge" if x.layer == p.first_bad_layer() else ""
         lines.append(f"{x.layer:>5}  {x.cosine_min:>10.6f}  {x.cosine_mean:>10.6f}  "
                      f"{x.experts_same:>12.1%}{flag}")
-    lines += ["", f"logits: cosine min {p.logits_cosine_min:.6f}, mean {p.logits_cosine_mean:.6f}; "
-              f"argmax agrees at {p.argmax_agree:.1%} of positions",
+    judged = (f"; argmax >= {t['argmax']:.0%}" if t["logits"]
+              else "; the free-running logits are reported, not judged")
+    lines += ["", f"logits of a free run: cosine min {p.logits_cosine_min:.6f}, mean "
+              f"{p.logits_cosine_mean:.6f}; argmax agrees at {p.argmax_agree:.1%} of positions",
               f"thresholds for {p.dtype}: {describe(t)}, experts alike >= "
-              f"{t['experts_same']:.0%}, argmax >= {t['argmax']:.0%}"]
+              f"{t['experts_same']:.0%}{judged}"]
     fails = p.failures()
     lines.append("parity: ok" if not fails else "parity: FAILED: " + "; ".join(fails))
     return "\n".join(lines)
