@@ -56,7 +56,7 @@ THRESHOLDS = {
                     logits=True, argmax=1.0),
     "float16": dict(cosine_min=None, cosine_mean=0.98, experts_same=0.95,
                     logits=False, argmax=None),
-    "bfloat16": dict(cosine_min=None, cosine_mean=0.9, experts_same=0.9,
+    "bfloat16": dict(cosine_min=None, cosine_mean=0.95, experts_same=0.9,
                      logits=False, argmax=None),
 }
 
