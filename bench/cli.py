@@ -136,7 +136,7 @@ def report(run_dir, other, no_plots, verbose):
         load_results(run_dir)
         if other:
             load_results(other)  # both must be readable before anything is rewritten
-        click.echo(f"wrote {write_report(run_dir, plots=not no_plots)}")
+        click.echo(f"wrote {write_report(run_dir, plots=not no_plots, log=click.echo)}")
         if other:
             click.echo(f"wrote {write_comparison(run_dir, other)}")
 

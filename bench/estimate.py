@@ -98,11 +98,14 @@ def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> Estima
 
 def shorter(configs: Dict[str, dict], s: Settings, flops_per_s: float, backend: str) -> str:
     """What shortens the run, with one shorter command line's estimate."""
-    short = replace(s, prompt_lengths=[min(s.prompt_lengths)],
-                    decode_contexts=[min(s.decode_contexts)], repeats=1,
-                    gen_tokens=min(s.gen_tokens, 32))
-    example = (f"--prompt-lengths {short.prompt_lengths[0]} --decode-contexts "
-               f"{short.decode_contexts[0]} --repeats 1 --gen-tokens {short.gen_tokens}")
+    shortest = min(s.prompt_lengths)
+    short = replace(s, prompt_lengths=[shortest], decode_contexts=[min(s.decode_contexts)],
+                    repeats=1, gen_tokens=min(s.gen_tokens, 32),
+                    routing_tokens=min(s.routing_tokens, shortest))
+    example = (f"--prompt-lengths {shortest} --decode-contexts {short.decode_contexts[0]} "
+               f"--repeats 1 --gen-tokens {short.gen_tokens}"
+               + (f" --routing-tokens {short.routing_tokens}"
+                  if short.routing_tokens != s.routing_tokens else ""))
     return ("fewer or shorter --prompt-lengths and --decode-contexts, fewer --repeats, "
             "--gen-tokens or --models, or --routing-tokens 0 shorten the run "
             f"({example}: {duration(run_seconds(configs, short, flops_per_s))}); "

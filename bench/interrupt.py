@@ -90,6 +90,8 @@ class HardStop:
             code = 128 + stop[0]
             try:
                 self._finish()
+            except Exception as e:  # noqa: BLE001 - said, then the process still ends
+                print(f"error: {e}", file=sys.stderr)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()

@@ -44,14 +44,17 @@ def figure(results: dict, spec):
     if not lines:  # nothing to draw: no empty plot (and no legend warning)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    top = 0.0
     for label, entries in lines:
-        ax.plot([e[xkey] for e in entries], [yfun(e) for e in entries], "o-", label=label)
+        ys = [yfun(e) for e in entries]
+        ax.plot([e[xkey] for e in entries], ys, "o-", label=label)
+        top = max(top, *ys)
     ax.set_xscale("log", base=2)
     xs = sorted({e[xkey] for _, entries in lines for e in entries})
     ax.xaxis.set_major_locator(FixedLocator(xs))
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.1 * top or 1)  # from 0, with room above the highest point
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     backend = results["machine"]["backend"]

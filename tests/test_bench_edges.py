@@ -25,7 +25,7 @@ from bench import schema
 from bench.cli import main as bench_cli
 from bench.harness import Settings
 from bench.models import MODEL_NAMES, model_config
-from bench.run import NotStarted, run_benchmark
+from bench.run import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 METAL = bool(getattr(mx, "metal", None) and mx.metal.is_available())
@@ -118,12 +118,20 @@ def test_run_out_without_write_permission_as_nobody():
     base = Path(tempfile.mkdtemp(prefix="bench-locked-"))
     try:
         base.chmod(0o755)  # root's: nobody may enter it but not write in it
-        for out in (base, base / "new"):
-            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                sys.executable, "-m", "bench", "run", "--quick", "--out",
-                                str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-            lines = r.stderr.strip().splitlines()
-            assert r.returncode == 2 and len(lines) == 1, r.stderr
+        outs = [str(base), str(base / "new")]
+        script = ("import json, sys\n"
+                  "from click.testing import CliRunner\n"
+                  "from bench.cli import main\n"
+                  "runs = [CliRunner().invoke(main, ['run', '--quick', '--out', o])\n"
+                  "        for o in sys.argv[1:]]\n"
+                  "print(json.dumps([[r.exit_code, r.stderr] for r in runs]))\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", script, *outs], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        for out, (code, stderr) in zip(outs, json.loads(r.stdout)):
+            lines = stderr.strip().splitlines()
+            assert code == 2 and len(lines) == 1, stderr
             assert lines[0].startswith(f"error: --out {out}: cannot"), lines[0]
             assert os.strerror(errno.EACCES) in lines[0]
         assert _tree(base) == []
@@ -136,6 +144,8 @@ def test_run_out_without_write_permission_as_nobody():
 def test_a_run_of_hours_is_asked_about_and_no_writes_nothing(tmp_path):
     if METAL:
         pytest.skip("the paper's settings take minutes on Metal: nothing to ask")
+    from bench.run import NotStarted
+
     asked, seen = [], []
     out = tmp_path / "new" / "out"
     with pytest.raises(NotStarted) as e:
@@ -145,8 +155,8 @@ def test_a_run_of_hours_is_asked_about_and_no_writes_nothing(tmp_path):
     # How to shorten it, with the options' names and a shorter command's estimate.
     for option in ("--prompt-lengths", "--decode-contexts", "--repeats", "--gen-tokens"):
         assert option in str(e.value)
-    assert re.search(r"--repeats 1 --gen-tokens 32: (\d+ minutes|under a minute|[\d.]+ hours)",
-                     str(e.value))
+    assert re.search(r"--repeats 1 --gen-tokens 32 --routing-tokens 512: "
+                     r"(\d+ minutes|under a minute|[\d.]+ hours)", str(e.value))
     assert _tree(tmp_path) == []  # --out was created to check it, then removed
     assert not any(m.startswith("MobileMoE-S") for m in seen)
 
