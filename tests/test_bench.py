@@ -499,16 +499,27 @@ def test_an_interrupted_run_writes_no_empty_plots_and_no_warnings(tmp_path, capf
     pytest.importorskip("matplotlib")
     s = quick_settings(prompt_lengths=[8], decode_contexts=[8], repeats=1, warmup=0,
                        routing_tokens=0)
+    seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(KeyboardInterrupt):
             run_benchmark(["tiny", "pro-tiny"], s, tmp_path, progress=False, plots=True,
-                          log=_sigint_on(stop_at, []))
+                          log=_sigint_on(stop_at, seen))
     assert [str(w.message) for w in caught] == []
     assert "Warning" not in capfd.readouterr().err
     assert sorted(p.stem for p in tmp_path.glob("*.png")) == pngs
     report = (tmp_path / "report.md").read_text()
     assert ("No plots: no phase was measured" in report) == (not pngs)
+    # The run says where its plots went (or that there are none).
+    said = [m for m in seen if m.startswith(("plots: ", "no plots: "))]
+    assert len(said) == 1, seen
+    if pngs:
+        files = [Path(f) for f in said[0][len("plots: "):].split(", ")]
+        assert sorted(f.stem for f in files) == pngs
+        assert all(f.parent == tmp_path and f.stat().st_size > 1000 for f in files)
+    else:
+        assert said == ["no plots: no phase was measured"]
+    assert not list(tmp_path.glob(".*part*"))  # written under temporary names, renamed
 
 
 def test_report_units_and_paper_numbers(quick_run, tmp_path):

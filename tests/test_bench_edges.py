@@ -252,20 +252,6 @@ def test_plot_axes_label_the_contexts_measured_and_start_at_zero():
         plt.close(fig)
 
 
-def test_a_run_says_where_its_plots_went(tmp_path):
-    pytest.importorskip("matplotlib")
-    logs = []
-    s = Settings(prompt_lengths=[8], decode_contexts=[8], gen_tokens=1, repeats=1, warmup=0,
-                 routing_tokens=0, **HOURS)
-    run_benchmark(["tiny"], s, tmp_path, progress=False, plots=True, log=logs.append)
-    said = [m for m in logs if m.startswith("plots: ")]
-    assert len(said) == 1
-    files = said[0][len("plots: "):].split(", ")
-    assert sorted(Path(f).name for f in files) == ["decode.png", "memory.png", "prefill.png"]
-    assert all(Path(f).parent == tmp_path and Path(f).stat().st_size > 1000 for f in files)
-    assert not list(tmp_path.glob(".*part*"))  # written under temporary names, renamed
-
-
 # -- results.json: the harness's entries and their description --------------------
 
 def test_every_key_the_harness_writes_is_described():
