@@ -34,8 +34,8 @@ class HardStop:
     returns True. False means the watcher is already finishing: the main
     thread then waits for the process to end (`wait_for_exit()`)."""
 
-    def __init__(self, finish: Callable[[], None], exit=os._exit):
-        self._finish, self._exit = finish, exit
+    def __init__(self, finish: Callable[[], None]):
+        self._finish = finish
         self._claim = threading.Lock()
         self._claimed = threading.Event()
         self._pipe: Optional[tuple] = None
@@ -95,4 +95,4 @@ class HardStop:
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
-                self._exit(code)
+                os._exit(code)  # the main thread is inside MLX: nothing else can end it
