@@ -7,4 +7,6 @@ import each other relatively.
     python -m bench run       # measure, write results.json, report.md and plots
     python -m bench report    # rebuild the report from results.json
     python -m bench plan      # will a model fit a memory budget at a context?
+    python -m bench export-prompts / export-synthetic / export-parity
+                              # what the Swift benchmark and parity test (ios/) read
 """

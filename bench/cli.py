@@ -1,4 +1,8 @@
-"""`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner."""
+"""`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner.
+
+Only light modules are imported at the top (no mlx-lm, which pulls in
+transformers, and no matplotlib): `-h` answers at once, and each command
+imports what it runs inside its body."""
 
 import math
 import sys
@@ -9,6 +13,7 @@ from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
+from .models import names_help
 from .options import FULL, QUICK, check, protocol_settings
 from .tokens import KINDS
 
@@ -26,22 +31,28 @@ HELP = {"help_option_names": ["-h", "--help"]}
 
 @click.group(cls=OneLineGroup, context_settings=HELP)
 def main():
-    """MobileMoE benchmarks: run, report, plan."""
+    """MobileMoE benchmarks: measure speed and memory, rebuild and compare
+    reports, plan memory, check this backend against the CPU, and export what
+    the Swift benchmark (ios/) runs. `COMMAND -h` explains each command below."""
 
 
 @main.command(context_settings=HELP)
-@click.option("--models", help="Comma-separated: S, M, L, tiny, pro, pro-tiny, glm4-S (mlx-lm's "
-              "glm4_moe at S shape; also glm4-M, glm4-L, glm4-tiny) or a converted "
-              "directory. [default: S,pro]")
-@click.option("--prompt-lengths", help="Prefill prompt lengths. [default: 512,...,8192]")
-@click.option("--decode-contexts", help="Contexts to decode at. [default: 256,1024,4096,8192]")
-@click.option("--gen-tokens", type=int, help="Decode tokens per run. [default: 128]")
-@click.option("--repeats", type=int, help="Timed repeats per setting. [default: 5]")
-@click.option("--warmup", type=int, help="Untimed warm-up runs per setting. [default: 1]")
+@click.option("--models", help=f"Comma-separated: {names_help()} or a converted directory. "
+              f"[default: {FULL['models']}]")
+@click.option("--prompt-lengths",
+              help=f"Prefill prompt lengths. [default: {FULL['prompt_lengths']}]")
+@click.option("--decode-contexts",
+              help=f"Contexts to decode at. [default: {FULL['decode_contexts']}]")
+@click.option("--gen-tokens", type=int,
+              help=f"Decode tokens per run. [default: {FULL['gen_tokens']}]")
+@click.option("--repeats", type=int, help=f"Timed repeats per setting. [default: {FULL['repeats']}]")
+@click.option("--warmup", type=int,
+              help=f"Untimed warm-up runs per setting. [default: {FULL['warmup']}]")
 @click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True,
               help="Prompt text for the timed runs (routing always compares all three).")
 @click.option("--routing-tokens", type=int,
-              help="Prompt length of the real-vs-dummy routing phase (0: skip). [default: 1024]")
+              help="Prompt length of the real-vs-dummy routing phase (0: skip). "
+                   f"[default: {FULL['routing_tokens']}]")
 @click.option("--weights", type=click.Path(), help="A converted MobileMoE directory to use "
               "instead of synthetic weights (for the one MoE model in --models).")
 @click.option("--out", default="results", show_default=True, help="Output directory.")
@@ -64,11 +75,15 @@ def main():
 def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, prompts,
         routing_tokens, weights, out, quick, dtype, bits, group_size, prefill_step, bandwidth,
         seed, no_plots, no_progress, verbose):
-    """Measure prefill, decode and memory; write results.json, report.md, plots."""
+    """Measure prefill, decode and memory; write results.json, report.md, plots.
+
+    Settings estimated at more than an hour are asked about first when stdin is
+    a terminal (the default answer is no); Ctrl-C stops the run within a second
+    and keeps what was measured."""
     def go():
         from mobilemoe_mlx.runtime import current
 
-        from .run import run_benchmark
+        from .run import NotStarted, run_benchmark
 
         s = protocol_settings(
             dict(prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
@@ -83,14 +98,29 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
                  if m.strip()]
         if not names:
             raise UserError("--models names no model")
+        # Only a person at a terminal can answer; a script keeps running as before.
+        ask = _ask if sys.stdin.isatty() else None
         try:
             run_benchmark(names, s, out, weights=weights, progress=not no_progress,
-                          plots=not no_plots, log=lambda m: click.echo(m, err=True))
+                          plots=not no_plots, log=lambda m: click.echo(m, err=True),
+                          confirm=ask, hard_stop=True)
         except KeyboardInterrupt:
             sys.exit(130)  # run_benchmark said "interrupted" and wrote the report
+        except NotStarted as e:
+            click.echo(f"not started: {e}", err=True)
+            sys.exit(1)
         click.echo(f"wrote {out}/results.json and {out}/report.md")
 
     run_cli(go, verbose)
+
+
+def _ask(question: str) -> bool:
+    """y/N on the terminal; Ctrl-C or Ctrl-D there answers no."""
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:
+        click.echo(err=True)
+        return False
 
 
 @main.command(context_settings=HELP)
@@ -106,7 +136,7 @@ def report(run_dir, other, no_plots, verbose):
         load_results(run_dir)
         if other:
             load_results(other)  # both must be readable before anything is rewritten
-        click.echo(f"wrote {write_report(run_dir, plots=not no_plots)}")
+        click.echo(f"wrote {write_report(run_dir, plots=not no_plots, log=click.echo)}")
         if other:
             click.echo(f"wrote {write_comparison(run_dir, other)}")
 
@@ -115,7 +145,7 @@ def report(run_dir, other, no_plots, verbose):
 
 @main.command(context_settings=HELP)
 @click.option("--model", default="S", show_default=True,
-              help="S, M, L, tiny, pro or a directory with a config.json.")
+              help=f"{names_help()} or a directory with a config.json.")
 @click.option("--context", type=int, default=8192, show_default=True,
               help="Tokens in the KV cache (at most the model's context).")
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,

@@ -14,14 +14,15 @@ a lower bound for tiny models, close for the published shapes.
 """
 
 import time
-from typing import Dict, List
+from dataclasses import replace
+from typing import Dict, List, NamedTuple
 
 import mlx.core as mx
 
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.runtime import CPU
 
-from .harness import Settings
+from .options import Settings
 
 HOURS_WARNING = 3600.0  # warn above this many seconds
 
@@ -78,20 +79,40 @@ def duration(seconds: float) -> str:
     return "under a minute"
 
 
-def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> float:
-    """Log the estimate (and a warning with what shortens it, when it is hours);
-    returns it in seconds."""
+class Estimate(NamedTuple):
+    seconds: float
+    advice: str  # how to shorten the run
+
+
+def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> Estimate:
+    """Log the estimate (and a warning with what shortens it, when it is hours)."""
     rate = measured_flops(s.dtype)
     seconds = run_seconds(configs, s, rate)
     log(f"estimated time: {'' if seconds < 60 else 'about '}{duration(seconds)} ({rate / 1e9:.2f} GFLOP/s measured for "
         f"{s.dtype} INT4 matmuls on the {backend} backend)")
+    advice = shorter(configs, s, rate, backend)
     if seconds > HOURS_WARNING:
-        log(f"warning: these settings will take hours here ({_biggest(configs, s)}); "
-            "--quick, fewer or shorter --prompt-lengths and --decode-contexts, fewer --repeats "
-            "or --gen-tokens shorten the run (Ctrl-C stops it and keeps what was measured)"
+        log(f"warning: these settings will take hours here ({_biggest(configs, s)}); {advice} "
+            "(Ctrl-C stops a run and keeps what was measured)")
+    return Estimate(seconds, advice)
+
+
+def shorter(configs: Dict[str, dict], s: Settings, flops_per_s: float, backend: str) -> str:
+    """What shortens the run, with one shorter command line's estimate."""
+    shortest = min(s.prompt_lengths)
+    short = replace(s, prompt_lengths=[shortest], decode_contexts=[min(s.decode_contexts)],
+                    repeats=1, gen_tokens=min(s.gen_tokens, 32),
+                    routing_tokens=min(s.routing_tokens, shortest))
+    example = (f"--prompt-lengths {shortest} --decode-contexts {short.decode_contexts[0]} "
+               f"--repeats 1 --gen-tokens {short.gen_tokens}"
+               + (f" --routing-tokens {short.routing_tokens}"
+                  if short.routing_tokens != s.routing_tokens else ""))
+    return ("fewer or shorter --prompt-lengths and --decode-contexts, fewer --repeats, "
+            "--gen-tokens or --models, or --routing-tokens 0 shorten the run "
+            f"({example}: {duration(run_seconds(configs, short, flops_per_s))}); "
+            "--quick is a smoke test of tiny models"
             + ("; float16 is slow on MLX's CPU backend: --dtype float32 is faster"
                if backend == CPU and s.dtype != "float32" else ""))
-    return seconds
 
 
 def _biggest(configs: Dict[str, dict], s: Settings) -> str:

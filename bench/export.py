@@ -29,8 +29,8 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import UserError, run_cli
 
-from .harness import Settings
-from .options import protocol_settings
+from .models import names_help
+from .options import Settings, protocol_settings
 from .tokens import KINDS, prompt_tokens
 
 PLAN_FORMAT = "mobilemoe-bench/plan"
@@ -211,7 +211,7 @@ def _protocol(f):
         click.option("--routing-tokens", type=int, help=f"Tokens of the routing phase. [default: {s.routing_tokens}]"),
         click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True,
                      help="Prompt text for the timed runs."),
-        click.option("--prefill-step", type=int, default=2048, show_default=True,
+        click.option("--prefill-step", type=int, default=s.prefill_step, show_default=True,
                      help="Prefill chunk size (as mlx-lm's prefill_step_size)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random prompts."),
@@ -257,7 +257,7 @@ def export_prompts(model_dir, out, name, force, verbose, **opts):
 
 @click.command("export-synthetic")
 @click.option("--model", "name", default="pro", show_default=True,
-              help="pro, pro-tiny, S, M, L or tiny.")
+              help=f"{names_help()}.")
 @click.option("--out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               default="float16", show_default=True, help="Activation dtype (Metal: float16).")

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Callable, List, Optional
 
@@ -35,33 +34,20 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from mobilemoe_mlx import analytic
-from mobilemoe_mlx.planner import PREFILL_CHUNK
 from mobilemoe_mlx.routing import ExpertRecorder
 from mobilemoe_mlx.runtime import current as current_runtime
 
+from .options import Settings  # noqa: F401 - where the harness's callers found it
+from .schema import (
+    DECODE_BOUND,
+    DECODE_ENTRY,
+    MEMORY_ENTRY,
+    PREFILL_ENTRY,
+    ROUTING_ENTRY,
+    ROUTING_PROMPT_ENTRY,
+    entry,
+)
 from .steps import decode, probe_step  # noqa: F401 - decode is public here too
-
-
-@dataclass
-class Settings:
-    prompt_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
-    decode_contexts: List[int] = field(default_factory=lambda: [256, 1024, 4096, 8192])
-    gen_tokens: int = 128
-    repeats: int = 5
-    warmup: int = 1
-    prompts: str = "real"  # real | random | repeat
-    prefill_step: int = PREFILL_CHUNK  # the chunk chat prefills with too
-    routing_tokens: int = 1024  # prompt length of the real-vs-dummy routing phase
-    dtype: str = "float32"  # activations (and KV cache)
-    bits: int = 4
-    group_size: int = 32
-    seed: int = 0
-    bandwidth_gbps: Optional[float] = None
-    bandwidth_source: Optional[str] = None
-
-    def to_dict(self):
-        return asdict(self)
-
 
 # ---------------------------------------------------------------- machine ----
 
@@ -220,22 +206,6 @@ def restore(host_cache):
     return out
 
 
-# ------------------------------------------------------------- routing ----
-
-def routing_stats(recorder: ExpertRecorder, expert_bytes: int) -> dict:
-    """Distinct experts used per layer and how evenly, from a recorded prefill."""
-    layers = recorder.load_balance()
-    distinct = [ly["distinct"] for ly in layers]
-    return {
-        "layers": layers,
-        "mean_distinct": sum(distinct) / len(distinct),
-        "mean_entropy": sum(ly["entropy"] for ly in layers) / len(layers),
-        # What a runtime that pages weights in on use (mmap, as ExecuTorch on a
-        # phone) would hold of the routed experts; MLX keeps them all resident.
-        "touched_expert_bytes": sum(distinct) * expert_bytes,
-    }
-
-
 # ------------------------------------------------------------ the runner ----
 
 class Progress:
@@ -274,123 +244,130 @@ def measure_model(built, s: Settings, vocab_tokens, progress: Progress,
                   save: Callable[[], None], record: dict) -> None:
     """Fill `record` (one model's entry in results.json) phase by phase, calling
     `save` after each so an interrupted run keeps what it measured."""
-    model, config = built.model, built.config
-    from .models import weight_bytes as model_weight_bytes
+    from .models import weight_bytes
 
-    record["memory"] = {
-        "weights_bytes": model_weight_bytes(model),
-        "active_after_load_bytes": mx.get_active_memory(),
-        "rss_bytes": rss_bytes(),
-    }
+    record["memory"] = entry(MEMORY_ENTRY, weights_bytes=weight_bytes(built.model),
+                             active_after_load_bytes=mx.get_active_memory(),
+                             rss_bytes=rss_bytes())
     record["prefill"], record["decode"] = [], []
     save()
-    name = built.label
-    quant, kv_dtype = built.quant, built.dtype
-
     for p in s.prompt_lengths:
-        toks = vocab_tokens(s.prompts, p)
-        ttft, peaks, kv = [], [], 0
-        for r in range(s.warmup + s.repeats):
-            cache = make_prompt_cache(model)
-            start_phase()
-            t = time.perf_counter()
-            prefill(model, toks, cache, s.prefill_step)
-            dt = time.perf_counter() - t
-            if r >= s.warmup:
-                ttft.append(dt)
-                peaks.append(mx.get_peak_memory())
-            kv = cache_bytes(cache)
-            del cache
-            progress.update(p, f"{name}: prefill {p} ({r + 1}/{s.warmup + s.repeats})")
-        record["prefill"].append({
-            "prompt_tokens": p,
-            "ttft_s": stats(ttft),
-            "tokens_per_s": stats([p / t for t in ttft]),
-            "peak_memory_bytes": max(peaks),
-            "kv_cache_bytes": kv,
-            "kv_cache_bytes_analytic": analytic.kv_cache_bytes(config, p, kv_dtype),
-            "rss_bytes": rss_bytes(),
-        })
+        record["prefill"].append(measure_prefill(built, s, vocab_tokens(s.prompts, p), progress))
         save()
-
     for c in s.decode_contexts:
-        toks = vocab_tokens(s.prompts, c)
-        cache = make_prompt_cache(model)
-        start_phase()
-        t = time.perf_counter()
-        y = prefill(model, toks, cache, s.prefill_step)
-        fill_s = time.perf_counter() - t
-        fill_peak = mx.get_peak_memory()
-        filled = cache[0].offset
-        kv = cache_bytes(cache)
-        base = offload(cache)  # host memory: not part of the decode peak
-        del cache
-        progress.update(c, f"{name}: fill cache to {c}")
-        probe_cache = restore(base)
-        nodes, idle_builds = probe_step(model, y, probe_cache)
-        del probe_cache
-        tps, step_med, build_med, peaks = [], [], [], []
-        for r in range(s.warmup + s.repeats):
-            run_cache = restore(base)
-            start_phase()
-            total, builds, _ = decode(model, y, run_cache, s.gen_tokens)
-            if r >= s.warmup:
-                tps.append(s.gen_tokens / total)
-                step_med.append(total / s.gen_tokens)  # steps overlap: the mean
-                build_med.append(statistics.median(builds))
-                peaks.append(mx.get_peak_memory())
-            del run_cache
-            progress.update(s.gen_tokens * 8,
-                            f"{name}: decode at {c} ({r + 1}/{s.warmup + s.repeats})")
-        entry = {
-            "context": c,
-            "context_filled": filled,
-            "gen_tokens": s.gen_tokens,
-            "tokens_per_s": stats(tps),
-            "step_s": stats(step_med),
-            "graph_build_s": stats(build_med),
-            "graph_build_fraction": statistics.median(build_med) / statistics.median(step_med),
-            "graph_nodes": nodes,
-            "graph_build_idle_s": stats(idle_builds),
-            "peak_memory_bytes": max(peaks),
-            "fill_s": fill_s,
-            "fill_peak_memory_bytes": fill_peak,
-            "kv_cache_bytes": kv,
-            "kv_cache_bytes_analytic": analytic.kv_cache_bytes(config, filled, kv_dtype),
-            "rss_bytes": rss_bytes(),
-        }
-        if s.bandwidth_gbps:
-            bound = analytic.decode_bound(config, c, s.bandwidth_gbps, quant, kv_dtype=kv_dtype)
-            entry["bandwidth_bound_tokens_per_s"] = bound
-            entry["fraction_of_bound"] = statistics.median(tps) / bound
-        record["decode"].append(entry)
-        del base
+        record["decode"].append(measure_decode(built, s, vocab_tokens(s.prompts, c), progress))
         save()
-
     if built.family == "moe" and s.routing_tokens:
-        record["routing"] = {"tokens": s.routing_tokens, "prompts": {}}
-        per_expert = analytic.weight_bytes(config, quant)["per_expert"]
-        recorder = ExpertRecorder(model)
-        try:
-            for kind in ("real", "random", "repeat"):
-                toks = vocab_tokens(kind, s.routing_tokens)
-                with recorder.record():
-                    cache = make_prompt_cache(model)
-                    start_phase()
-                    prefill(model, toks, cache, s.prefill_step)
-                    peak = mx.get_peak_memory()
-                entry = routing_stats(recorder, per_expert)
-                entry["peak_memory_bytes"] = peak
-                record["routing"]["prompts"][kind] = entry
-                del cache
-                progress.update(s.routing_tokens, f"{name}: routing, {kind} prompt")
-                save()
-        finally:
-            recorder.remove()
-        r = record["routing"]["prompts"]
-        record["routing"]["real_minus_repeat_peak_bytes"] = (
-            r["real"]["peak_memory_bytes"] - r["repeat"]["peak_memory_bytes"])
-        record["routing"]["real_minus_repeat_touched_bytes"] = (
-            r["real"]["touched_expert_bytes"] - r["repeat"]["touched_expert_bytes"])
+        measure_routing(built, s, vocab_tokens, progress, save, record)
     record["complete"] = True
     save()
+
+
+def measure_prefill(built, s: Settings, tokens: mx.array, progress: Progress) -> dict:
+    """TTFT of a prompt (warm-up, then the timed repeats) and the phase's peak memory."""
+    p, runs = tokens.shape[0], s.warmup + s.repeats
+    ttft, peaks, kv = [], [], 0
+    for r in range(runs):
+        cache = make_prompt_cache(built.model)
+        start_phase()
+        t = time.perf_counter()
+        prefill(built.model, tokens, cache, s.prefill_step)
+        dt = time.perf_counter() - t
+        if r >= s.warmup:
+            ttft.append(dt)
+            peaks.append(mx.get_peak_memory())
+        kv = cache_bytes(cache)
+        del cache
+        progress.update(p, f"{built.label}: prefill {p} ({r + 1}/{runs})")
+    return entry(PREFILL_ENTRY, prompt_tokens=p, ttft_s=stats(ttft),
+                 tokens_per_s=stats([p / t for t in ttft]), peak_memory_bytes=max(peaks),
+                 kv_cache_bytes=kv,
+                 kv_cache_bytes_analytic=analytic.kv_cache_bytes(built.config, p, built.dtype),
+                 rss_bytes=rss_bytes())
+
+
+def measure_decode(built, s: Settings, tokens: mx.array, progress: Progress) -> dict:
+    """Decode speed at the context len(tokens): the cache filled once (untimed)
+    and kept in host memory, each repeat decoding from a fresh copy of it."""
+    model, c, runs = built.model, tokens.shape[0], s.warmup + s.repeats
+    cache = make_prompt_cache(model)
+    start_phase()
+    t = time.perf_counter()
+    y = prefill(model, tokens, cache, s.prefill_step)
+    fill_s = time.perf_counter() - t
+    fill_peak = mx.get_peak_memory()
+    filled, kv = cache[0].offset, cache_bytes(cache)
+    base = offload(cache)  # host memory: not part of the decode peak
+    del cache
+    progress.update(c, f"{built.label}: fill cache to {c}")
+    probe_cache = restore(base)
+    nodes, idle_builds = probe_step(model, y, probe_cache)
+    del probe_cache
+    tps, step_mean, build_med, peaks = [], [], [], []
+    for r in range(runs):
+        run_cache = restore(base)
+        start_phase()
+        total, builds, _ = decode(model, y, run_cache, s.gen_tokens)
+        if r >= s.warmup:
+            tps.append(s.gen_tokens / total)
+            step_mean.append(total / s.gen_tokens)  # steps overlap: the mean
+            build_med.append(statistics.median(builds))
+            peaks.append(mx.get_peak_memory())
+        del run_cache
+        progress.update(s.gen_tokens * 8, f"{built.label}: decode at {c} ({r + 1}/{runs})")
+    measured = entry(
+        DECODE_ENTRY, context=c, context_filled=filled, gen_tokens=s.gen_tokens,
+        tokens_per_s=stats(tps), step_s=stats(step_mean), graph_build_s=stats(build_med),
+        graph_build_fraction=statistics.median(build_med) / statistics.median(step_mean),
+        graph_nodes=nodes, graph_build_idle_s=stats(idle_builds), peak_memory_bytes=max(peaks),
+        fill_s=fill_s, fill_peak_memory_bytes=fill_peak, kv_cache_bytes=kv,
+        kv_cache_bytes_analytic=analytic.kv_cache_bytes(built.config, filled, built.dtype),
+        rss_bytes=rss_bytes())
+    if not s.bandwidth_gbps:
+        return measured
+    bound = analytic.decode_bound(built.config, c, s.bandwidth_gbps, built.quant,
+                                  kv_dtype=built.dtype)
+    return {**measured, **entry(DECODE_BOUND, bandwidth_bound_tokens_per_s=bound,
+                                fraction_of_bound=statistics.median(tps) / bound)}
+
+
+def measure_routing(built, s: Settings, vocab_tokens, progress: Progress,
+                    save: Callable[[], None], record: dict) -> None:
+    """Experts a prefill of real, random and repeated-token prompts routes to,
+    into record["routing"], saved after each prompt."""
+    prompts: dict = {}
+    record["routing"] = {"tokens": s.routing_tokens, "prompts": prompts}
+    per_expert = analytic.weight_bytes(built.config, built.quant)["per_expert"]
+    recorder = ExpertRecorder(built.model)
+    try:
+        for kind in ("real", "random", "repeat"):
+            tokens = vocab_tokens(kind, s.routing_tokens)
+            with recorder.record():
+                cache = make_prompt_cache(built.model)
+                start_phase()
+                prefill(built.model, tokens, cache, s.prefill_step)
+                peak = mx.get_peak_memory()
+            del cache
+            prompts[kind] = routing_stats(recorder, per_expert, peak)
+            progress.update(s.routing_tokens, f"{built.label}: routing, {kind} prompt")
+            save()
+    finally:
+        recorder.remove()
+    record["routing"] = entry(
+        ROUTING_ENTRY, tokens=s.routing_tokens, prompts=prompts,
+        real_minus_repeat_peak_bytes=(prompts["real"]["peak_memory_bytes"]
+                                      - prompts["repeat"]["peak_memory_bytes"]),
+        real_minus_repeat_touched_bytes=(prompts["real"]["touched_expert_bytes"]
+                                         - prompts["repeat"]["touched_expert_bytes"]))
+
+
+def routing_stats(recorder: ExpertRecorder, expert_bytes: int, peak_bytes: int) -> dict:
+    """Distinct experts used per layer and how evenly, from a recorded prefill."""
+    layers = recorder.load_balance()
+    distinct = [ly["distinct"] for ly in layers]
+    return entry(
+        ROUTING_PROMPT_ENTRY, layers=layers, mean_distinct=sum(distinct) / len(distinct),
+        mean_entropy=sum(ly["entropy"] for ly in layers) / len(layers),
+        # What a runtime that pages weights in on use (mmap, as ExecuTorch on a
+        # phone) would hold of the routed experts; MLX keeps them all resident.
+        touched_expert_bytes=sum(distinct) * expert_bytes, peak_memory_bytes=peak_bytes)

@@ -18,7 +18,6 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS, PRESETS, preset_config
@@ -30,6 +29,12 @@ DENSE_NAMES = ("pro", "pro-tiny")
 PEER_PREFIX = "glm4-"
 PEER_NAMES = tuple(PEER_PREFIX + p for p in PRESETS)
 MODEL_NAMES = (*PRESETS, *DENSE_NAMES, *PEER_NAMES)
+
+
+def names_help() -> str:
+    """Every preset name model_config() takes, for the options' help."""
+    return (f"{', '.join(PRESETS + DENSE_NAMES)}, {', '.join(PEER_NAMES)} (mlx-lm's glm4_moe "
+            "class at that MobileMoE shape)")
 
 
 @dataclass
@@ -189,6 +194,9 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     Built lazily, quantized, then given fresh random packed weights and
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
+    # Imported here: mlx-lm pulls in transformers, and `bench -h` imports this module.
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
     config = dict(config) if config is not None else model_config(name)
     model = instantiate(config)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_not_router)

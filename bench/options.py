@@ -1,18 +1,46 @@
-"""The benchmark protocol's options, parsed and checked once for `bench run` and
-the export commands (bench/cli.py, bench/export.py), so a Swift run follows the
-same settings a Python run would."""
+"""The benchmark protocol's settings and options, parsed and checked once for
+`bench run` and the export commands (bench/cli.py, bench/export.py), so a Swift
+run follows the same settings a Python run would. Light to import (no mlx-lm):
+the command line's help is built from it."""
 
-from typing import List
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
 
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.planner import PREFILL_CHUNK
 
-from .harness import Settings
 
-QUICK = dict(models="tiny,pro-tiny", prompt_lengths="16,32", decode_contexts="16,48",
-             gen_tokens=4, repeats=2, warmup=1, routing_tokens=32)
-FULL = dict(models="S,pro", prompt_lengths="512,1024,2048,4096,8192",
-            decode_contexts="256,1024,4096,8192", gen_tokens=128, repeats=5, warmup=1,
-            routing_tokens=1024)
+@dataclass
+class Settings:
+    prompt_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    decode_contexts: List[int] = field(default_factory=lambda: [256, 1024, 4096, 8192])
+    gen_tokens: int = 128
+    repeats: int = 5
+    warmup: int = 1
+    prompts: str = "real"  # real | random | repeat
+    prefill_step: int = PREFILL_CHUNK  # the chunk chat prefills with too
+    routing_tokens: int = 1024  # prompt length of the real-vs-dummy routing phase
+    dtype: str = "float32"  # activations (and KV cache)
+    bits: int = 4
+    group_size: int = 32
+    seed: int = 0
+    bandwidth_gbps: Optional[float] = None
+    bandwidth_source: Optional[str] = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _as_options(s: Settings, models: str) -> dict:
+    return dict(models=models, prompt_lengths=",".join(map(str, s.prompt_lengths)),
+                decode_contexts=",".join(map(str, s.decode_contexts)), gen_tokens=s.gen_tokens,
+                repeats=s.repeats, warmup=s.warmup, routing_tokens=s.routing_tokens)
+
+
+# The option values of --quick and of the paper's protocol (Settings' defaults).
+QUICK = _as_options(Settings(prompt_lengths=[16, 32], decode_contexts=[16, 48], gen_tokens=4,
+                             repeats=2, warmup=1, routing_tokens=32), "tiny,pro-tiny")
+FULL = _as_options(Settings(), "S,pro")
 
 
 def check(ok: bool, message: str) -> None:

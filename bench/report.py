@@ -6,19 +6,19 @@ from DIR/results.json alone, so a run from another machine can be re-read.
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.planner import human_bytes as hb
 from mobilemoe_mlx.planner import human_count
 
+from .files import write_text_atomic
+from .plots import NO_MATPLOTLIB, make_plots
 from .schema import READABLE_VERSIONS, SCHEMA, structure_problem
 
 PAPER = Path(__file__).parent / "paper_numbers.json"
 GB = 1e9
 PAPER_MOE = ("S", "M", "L")
-NO_MATPLOTLIB = ("matplotlib is not installed (`pip install matplotlib`, "
-                 "or `pip install -e .[plots]`)")
 
 
 def load_results(path) -> dict:
@@ -153,21 +153,35 @@ def _header(results: dict) -> List[str]:
     return out
 
 
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    """A markdown table: one separator cell per header cell, every row as wide
+    (a cell's own "|" escaped, so a path cannot add a column)."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    assert all(len(r) == len(header) for r in rows), "a row of another width than the header"
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+
+
+def _none(what: str) -> List[str]:
+    """In place of a table without rows (an interrupted run): say what is missing."""
+    return [f"(No {what}: the run stopped before any was measured.)"]
+
+
 def _models_section(results: dict, paper: dict) -> List[str]:
-    out = ["", "## Models", "",
-           "| model | activations, weights | params total / active | weights measured | "
-           "weights analytic | read per decode token | KV per token |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["", "## Models", ""]
+    rows = []
     for x in results["models"]:
         a = x["analytic"]
         measured = x.get("memory", {}).get("weights_bytes")
-        out.append(
-            f"| {x['label']} | {_storage(x, results['settings'])} | "
-            f"{human_count(a['params']['total'])} / {human_count(a['params']['active'])} | "
-            f"{hb(measured) if measured is not None else '-'} | "
-            f"{hb(a['weight_bytes']['total'])} | "
-            f"{hb(a['weight_bytes']['decode_read_per_token'])} | "
-            f"{hb(a['kv_bytes_per_token'])} |")
+        rows.append([
+            x["label"], _storage(x, results["settings"]),
+            f"{human_count(a['params']['total'])} / {human_count(a['params']['active'])}",
+            hb(measured) if measured is not None else "-", hb(a["weight_bytes"]["total"]),
+            hb(a["weight_bytes"]["decode_read_per_token"]), hb(a["kv_bytes_per_token"])])
+    out += _table(["model", "activations, weights", "params total / active", "weights measured",
+                   "weights analytic", "read per decode token", "KV per token"],
+                  rows) if rows else _none("model")
     h = paper["headline_speedup"]
     return out + ["", f"Paper headline (all settings, MobileMoE-S over MobileLLM-Pro): "
                   f"{h['prefill'][0]}-{h['prefill'][1]}x faster prefill, "
@@ -176,10 +190,13 @@ def _models_section(results: dict, paper: dict) -> List[str]:
 
 def _prefill_section(models: List[dict], pairs, paper: dict) -> List[str]:
     out = ["", "## Prefill (time to first token)", ""]
-    head = "| prompt | " + " | ".join(f"{x['label']} TTFT | tok/s" for x in models)
-    head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs) + " | paper (S vs Pro) |"
-    out += [head, "|" + "---|" * (2 + 2 * len(models) + len(pairs))]
-    for p in sorted({e["prompt_tokens"] for x in models for e in x.get("prefill", [])}):
+    lengths = sorted({e["prompt_tokens"] for x in models for e in x.get("prefill", [])})
+    if not lengths:
+        return out + _none("prefill")
+    header = ["prompt"] + [h for x in models for h in (f"{x['label']} TTFT", "tok/s")]
+    header += [f"{a['label']} vs {b['label']}" for a, b in pairs] + ["paper (S vs Pro)"]
+    rows = []
+    for p in lengths:
         row = [str(p)]
         for x in models:
             e = _by(x.get("prefill", []), "prompt_tokens").get(p)
@@ -189,22 +206,25 @@ def _prefill_section(models: List[dict], pairs, paper: dict) -> List[str]:
             eb = _by(b.get("prefill", []), "prompt_tokens").get(p)
             row.append(f"{eb['ttft_s']['median'] / ea['ttft_s']['median']:.2f}x"
                        if ea and eb else "-")
-        row.append(_paper_prefill(paper, p))
-        out.append("| " + " | ".join(row) + " |")
-    return out
+        rows.append(row + [_paper_prefill(paper, p)])
+    return out + _table(header, rows)
 
 
 def _decode_section(models: List[dict], pairs, paper: dict) -> List[str]:
     paper_moe = _paper_moe(pairs)
-    out = ["", "## Decode", "",
-           "Cache filled to the context first (untimed), then greedy tokens timed in the loop "
-           "mlx_lm.generate runs (step i+1 queued before token i is read). `build` is the host "
-           "time to build one step's graph; `nodes` the operations in that graph.", ""]
-    head = "| context | " + " | ".join(f"{x['label']} tok/s | build ms | nodes" for x in models)
-    head += "".join(f" | {a['label']} vs {b['label']}" for a, b in pairs)
-    head += "".join(f" | paper ({k} vs Pro)" for k in paper_moe) + " |"
-    out += [head, "|" + "---|" * (1 + 3 * len(models) + len(pairs) + len(paper_moe))]
-    for c in sorted({e["context"] for x in models for e in x.get("decode", [])}):
+    out = ["", "## Decode", ""]
+    contexts = sorted({e["context"] for x in models for e in x.get("decode", [])})
+    if not contexts:
+        return out + _none("decode")
+    out += ["Cache filled to the context first (untimed), then greedy tokens timed in the loop "
+            "mlx_lm.generate runs (step i+1 queued before token i is read). `build` is the host "
+            "time to build one step's graph; `nodes` the operations in that graph.", ""]
+    header = ["context"] + [h for x in models
+                            for h in (f"{x['label']} tok/s", "build ms", "nodes")]
+    header += [f"{a['label']} vs {b['label']}" for a, b in pairs]
+    header += [f"paper ({k} vs Pro)" for k in paper_moe]
+    rows = []
+    for c in contexts:
         row = [str(c)]
         for x in models:
             e = _by(x.get("decode", []), "context").get(c)
@@ -217,49 +237,50 @@ def _decode_section(models: List[dict], pairs, paper: dict) -> List[str]:
             eb = _by(b.get("decode", []), "context").get(c)
             row.append(f"{ea['tokens_per_s']['median'] / eb['tokens_per_s']['median']:.2f}x"
                        if ea and eb else "-")
-        row += [_paper_decode(paper, c, k) for k in paper_moe]
-        out.append("| " + " | ".join(row) + " |")
-    return out
+        rows.append(row + [_paper_decode(paper, c, k) for k in paper_moe])
+    return out + _table(header, rows)
 
 
 def _bandwidth_section(results: dict) -> List[str]:
     s = results["settings"]
-    if not s.get("bandwidth_gbps"):
+    rows = [[x["label"], e["context"], f"{e['bandwidth_bound_tokens_per_s']:.1f}",
+             f"{e['tokens_per_s']['median']:.2f}", f"{e['fraction_of_bound']:.1%}"]
+            for x in results["models"] for e in x.get("decode", [])
+            if "bandwidth_bound_tokens_per_s" in e]
+    if not s.get("bandwidth_gbps") or not rows:
         return []
-    out = ["", f"Memory-bound decode limit at {s['bandwidth_gbps']:.1f} GB/s "
-           f"({s.get('bandwidth_source')}): bandwidth / (active weight bytes + KV bytes).", "",
-           "| model | context | limit tok/s | achieved | fraction |", "|---|---|---|---|---|"]
-    for x in results["models"]:
-        for e in x.get("decode", []):
-            if "bandwidth_bound_tokens_per_s" in e:
-                out.append(f"| {x['label']} | {e['context']} | "
-                           f"{e['bandwidth_bound_tokens_per_s']:.1f} | "
-                           f"{e['tokens_per_s']['median']:.2f} | {e['fraction_of_bound']:.1%} |")
-    return out
+    return ["", f"Memory-bound decode limit at {s['bandwidth_gbps']:.1f} GB/s "
+            f"({s.get('bandwidth_source')}): bandwidth / (active weight bytes + KV bytes).", ""] + \
+        _table(["model", "context", "limit tok/s", "achieved", "fraction"], rows)
 
 
 def _memory_section(models: List[dict], paper: dict) -> List[str]:
-    out = ["", "## Memory", "",
-           "Peak = `mx.get_peak_memory()` within the phase (reset before it): weights + KV cache "
-           "+ temporaries (decode: the one cache being decoded). KV measured is the cache's "
-           "buffers, which mlx-lm allocates in 256-token steps, so it can exceed the analytic "
-           "KV (exact tokens) by up to 255 tokens per layer. RSS is the whole process.", "",
-           "| model | phase | setting | peak | KV measured | KV analytic | RSS |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["", "## Memory", ""]
 
     def row(x, phase, setting, e):
         kv = hb(e["kv_cache_bytes_analytic"]) if "kv_cache_bytes_analytic" in e else "-"
         rss = hb(e["rss_bytes"]) if e.get("rss_bytes") else "-"
-        return (f"| {x['label']} | {phase} | {setting} | {hb(e['peak_memory_bytes'])} | "
-                f"{hb(e['kv_cache_bytes'])} | {kv} | {rss} |")
+        return [x["label"], phase, setting, hb(e["peak_memory_bytes"]), hb(e["kv_cache_bytes"]),
+                kv, rss]
 
+    rows = []
     for x in models:
         mem = x.get("memory", {})
-        out.append(f"| {x['label']} | weights | resident | "
-                   f"{hb(mem['weights_bytes']) if 'weights_bytes' in mem else '-'} | - | - | "
-                   f"{hb(mem['rss_bytes']) if mem.get('rss_bytes') else '-'} |")
-        out += [row(x, "prefill", f"{e['prompt_tokens']} tokens", e) for e in x.get("prefill", [])]
-        out += [row(x, "decode", f"context {e['context_filled']}", e) for e in x.get("decode", [])]
+        rows.append([x["label"], "weights", "resident",
+                     hb(mem["weights_bytes"]) if "weights_bytes" in mem else "-", "-", "-",
+                     hb(mem["rss_bytes"]) if mem.get("rss_bytes") else "-"])
+        rows += [row(x, "prefill", f"{e['prompt_tokens']} tokens", e) for e in x.get("prefill", [])]
+        rows += [row(x, "decode", f"context {e['context_filled']}", e) for e in x.get("decode", [])]
+    if rows:
+        out += ["Peak = `mx.get_peak_memory()` within the phase (reset before it): weights + KV "
+                "cache + temporaries (decode: the one cache being decoded). KV measured is the "
+                "cache's buffers, which mlx-lm allocates in 256-token steps, so it can exceed the "
+                "analytic KV (exact tokens) by up to 255 tokens per layer. RSS is the whole "
+                "process.", ""]
+        out += _table(["model", "phase", "setting", "peak", "KV measured", "KV analytic", "RSS"],
+                      rows)
+    else:
+        out += _none("memory figure")
     rss = "; ".join(f"{r['context']}: S {r['S']} GB vs Pro {r['pro']} GB"
                     for r in paper["peak_rss_gb"])
     w = paper["weights_gb"]
@@ -269,28 +290,29 @@ def _memory_section(models: List[dict], paper: dict) -> List[str]:
 
 
 def _routing_section(models: List[dict]) -> List[str]:
-    routed = [x for x in models if x.get("routing")]
+    # A model whose routing phase was interrupted before its first prompt has none to show.
+    routed = [x for x in models if x.get("routing", {}).get("prompts")]
     if not routed:
         return []
-    out = ["", "## Expert routing: real against dummy prompts", "",
-           "Per layer, the number of distinct routed experts a prefill used, and how evenly "
-           "(normalised entropy of the load: 1 = even). `touched` is the routed-expert weight "
-           "a runtime that pages weights on use (mmap, as on phones) would bring in; MLX keeps "
-           "every expert resident, so its own peak barely moves.", "",
-           "| model | prompt | tokens | distinct experts/layer | evenness | touched | peak |",
-           "|---|---|---|---|---|---|---|"]
+    rows = []
     for x in routed:
         r = x["routing"]
         for kind, e in r["prompts"].items():
-            out.append(f"| {x['label']} | {kind} | {r['tokens']} | {e['mean_distinct']:.1f} | "
-                       f"{e['mean_entropy']:.2f} | {hb(e['touched_expert_bytes'])} | "
-                       f"{hb(e['peak_memory_bytes'])} |")
+            rows.append([x["label"], kind, r["tokens"], f"{e['mean_distinct']:.1f}",
+                         f"{e['mean_entropy']:.2f}", hb(e["touched_expert_bytes"]),
+                         hb(e["peak_memory_bytes"])])
         if "real_minus_repeat_peak_bytes" in r:
             touched, peak = r["real_minus_repeat_touched_bytes"], r["real_minus_repeat_peak_bytes"]
-            out.append(f"| {x['label']} | real - repeat | | | | "
-                       f"{'+' if touched >= 0 else ''}{hb(touched)} | "
-                       f"{'+' if peak >= 0 else ''}{hb(peak)} |")
-    return out
+            rows.append([x["label"], "real - repeat", "", "", "",
+                         f"{'+' if touched >= 0 else ''}{hb(touched)}",
+                         f"{'+' if peak >= 0 else ''}{hb(peak)}"])
+    return ["", "## Expert routing: real against dummy prompts", "",
+            "Per layer, the number of distinct routed experts a prefill used, and how evenly "
+            "(normalised entropy of the load: 1 = even). `touched` is the routed-expert weight "
+            "a runtime that pages weights on use (mmap, as on phones) would bring in; MLX keeps "
+            "every expert resident, so its own peak barely moves.", ""] + _table(
+        ["model", "prompt", "tokens", "distinct experts/layer", "evenness", "touched", "peak"],
+        rows)
 
 
 def _plots_section(plots) -> List[str]:
@@ -303,59 +325,17 @@ def _plots_section(plots) -> List[str]:
     return ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
 
 
-def make_plots(results: dict, out_dir) -> Optional[List[str]]:
-    """prefill.png, decode.png, memory.png, each only when its phase has measurements
-    (an interrupted run may have none); None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    out_dir = Path(out_dir)
-    files = []
-    specs = [
-        ("prefill", "prefill", "prompt_tokens", lambda e: e["tokens_per_s"]["median"],
-         "prompt tokens", "prefill tokens/s"),
-        ("decode", "decode", "context", lambda e: e["tokens_per_s"]["median"],
-         "context tokens", "decode tokens/s"),
-        ("memory", "decode", "context", lambda e: e["peak_memory_bytes"] / 1e6,
-         "context tokens", "peak memory in decode (MB)"),
-    ]
-    backend = results["machine"]["backend"]
-    for fname, phase, xkey, yfun, xlabel, ylabel in specs:
-        lines = [(x["label"], sorted(x.get(phase, []), key=lambda e: e[xkey]))
-                 for x in results["models"] if x.get(phase)]
-        if not lines:  # nothing to draw: no empty plot (and no legend warning)
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, entries in lines:
-            ax.plot([e[xkey] for e in entries], [yfun(e) for e in entries], "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} ({results['machine']['chip']}, {backend})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / f"{fname}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
-    return files
-
-
 def write_report(run_dir, plots: bool = True, log=None) -> Path:
     """Rebuild DIR/report.md (and the plots) from DIR/results.json. `log` (a
-    print-like callable) hears when plots were asked for but could not be drawn."""
+    print-like callable) hears where the plots went, or why there are none."""
     results = load_results(run_dir)
     run_dir = _directory(run_dir)
     files = make_plots(results, run_dir) if plots else "skipped"
-    if files is None and log is not None:
-        log(f"plots skipped: {NO_MATPLOTLIB}")
+    if log is not None and files != "skipped":
+        log(f"plots skipped: {NO_MATPLOTLIB}" if files is None
+            else f"plots: {', '.join(files)}" if files else "no plots: no phase was measured")
     path = run_dir / "report.md"
-    path.write_text(build_report(results, files))
+    write_text_atomic(path, build_report(results, files))
     return path
 
 
@@ -367,8 +347,8 @@ def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
         return f"{r['machine']['chip']}, {r['machine']['backend']}"
 
     out = ["# MobileMoE benchmark: two runs compared", "",
-           f"- A = {name_a}: {who(a)}", f"- B = {name_b}: {who(b)}", "",
-           "| model (A / B) | measure | setting | A | B | B / A |", "|---|---|---|---|---|---|"]
+           f"- A = {name_a}: {who(a)}", f"- B = {name_b}: {who(b)}", ""]
+    rows = []
     models_b = {x["name"]: x for x in b["models"]}
     names_a = {x["name"] for x in a["models"]}
     for xa in a["models"]:
@@ -383,13 +363,15 @@ def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
                 if ea[key] in eb:
                     va = ea["tokens_per_s"]["median"]
                     vb = eb[ea[key]]["tokens_per_s"]["median"]
-                    out.append(f"| {who_} | {measure} | {ea[key]} | {va:.2f} | {vb:.2f} "
-                               f"| {vb / va:.2f}x |")
+                    rows.append([who_, measure, ea[key], f"{va:.2f}", f"{vb:.2f}",
+                                 f"{vb / va:.2f}x"])
             for ea in xa.get(phase, []):
                 if ea[key] in eb:
                     va, vb = ea["peak_memory_bytes"], eb[ea[key]]["peak_memory_bytes"]
-                    out.append(f"| {who_} | {phase} peak | {ea[key]} | {hb(va)} | "
-                               f"{hb(vb)} | {vb / va:.2f}x |")
+                    rows.append([who_, f"{phase} peak", ea[key], hb(va), hb(vb),
+                                 f"{vb / va:.2f}x"])
+    out += _table(["model (A / B)", "measure", "setting", "A", "B", "B / A"], rows) if rows else \
+        ["(No setting was measured in both runs.)"]
     only_a = [x["label"] for x in a["models"] if x["name"] not in models_b]
     only_b = [x["label"] for x in b["models"] if x["name"] not in names_a]
     if only_a or only_b:
@@ -402,5 +384,5 @@ def build_comparison(a: dict, b: dict, name_a: str, name_b: str) -> str:
 def write_comparison(dir_a, dir_b) -> Path:
     a, b = load_results(dir_a), load_results(dir_b)
     path = _directory(dir_a) / "compare.md"
-    path.write_text(build_comparison(a, b, str(dir_a), str(dir_b)))
+    write_text_atomic(path, build_comparison(a, b, str(dir_a), str(dir_b)))
     return path

@@ -3,9 +3,9 @@
 import datetime
 import json
 import signal
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 
@@ -14,8 +14,10 @@ from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.runtime import current as current_runtime
 
-from .estimate import announce
+from .estimate import HOURS_WARNING, announce, duration
+from .files import prepare_out_dir, remove_created, write_text_atomic
 from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
+from .interrupt import HardStop
 from .models import (
     build,
     check_checkpoint,
@@ -28,6 +30,10 @@ from .models import (
 from .report import write_report
 from .schema import SCHEMA, SCHEMA_VERSION
 from .tokens import prompt_tokens
+
+
+class NotStarted(Exception):
+    """The run was not started: its estimate was long and the user said no."""
 
 
 @contextmanager
@@ -71,68 +77,106 @@ def validate_models(models: List[str], settings: Settings, weights: Optional[str
 
 
 def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optional[str] = None,
-                  progress: bool = True, plots: bool = True, log=print) -> dict:
+                  progress: bool = True, plots: bool = True, log=print,
+                  confirm: Optional[Callable[[str], bool]] = None,
+                  hard_stop: bool = False) -> dict:
     """Measure `models` (names or converted directories) and write
     out_dir/results.json and out_dir/report.md. Ctrl-C stops the run and keeps
     every model entry measured so far (results.json says "interrupted"); the
-    report is always written, with Ctrl-C ignored while it is."""
-    out = Path(out_dir)
-    check_out_dir(out)
+    report is always written, with Ctrl-C ignored while it is.
+
+    `confirm(question)` is asked before a run estimated at over an hour (a
+    False answer raises NotStarted, with nothing written). `hard_stop` ends
+    the process within a second of Ctrl-C even inside MLX (bench/interrupt.py):
+    for the command line, never for a caller that must keep running."""
     replaced = validate_models(models, settings, weights)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    created = prepare_out_dir(out_dir)  # before anything is measured or asked
+    try:
+        machine = _announce(models, weights, replaced, settings, log, confirm)
+    except BaseException as e:
+        remove_created(created)  # nothing was written: leave nothing behind
+        if isinstance(e, KeyboardInterrupt):
+            log("interrupted before the run started: nothing was measured or written")
+        raise
+    results = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "interrupted": False, "machine": machine, "settings": settings.to_dict(),
+        "rss_peak_bytes": peak_rss_bytes(), "models": [],
+    }
+
+    def save():  # renamed over the last save when complete: never half-written
+        results["rss_peak_bytes"] = peak_rss_bytes()
+        write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+
+    save()
+    bar = Progress(_work(settings, models), enabled=progress)
+
+    def finish():
+        bar.close()
+        save()
+        if results["interrupted"]:
+            log("interrupted: keeping the results measured so far")
+        log(f"writing {out / 'report.md'}")
+        write_report(out, plots=plots, log=log)
+
+    def finish_for_main():  # the watcher's: the main thread is inside MLX
+        results["interrupted"] = True
+        finish()
+
+    stop = HardStop(finish_for_main) if hard_stop else None
+    with stop or nullcontext():
+        try:
+            _measure(models, weights, replaced, settings, bar, progress, log, save, results)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through run_cli
+            results["interrupted"] = True
+            raise
+        finally:
+            if stop is not None and not stop.claim():
+                stop.wait_for_exit()
+            with sigint_ignored():
+                finish()
+    return results
+
+
+def _announce(models, weights, replaced, settings: Settings, log, confirm) -> dict:
+    """The machine line and the time estimate; asks `confirm` when it is over
+    an hour. Returns the machine's description."""
     if settings.bandwidth_gbps is None:
         settings.bandwidth_gbps = copy_bandwidth(64 if settings.gen_tokens < 16 else 256)
         settings.bandwidth_source = "measured copy bandwidth"
     elif settings.bandwidth_source is None:
         settings.bandwidth_source = "given with --bandwidth"
-    results = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "interrupted": False, "machine": machine_info(), "settings": settings.to_dict(),
-        "rss_peak_bytes": peak_rss_bytes(), "models": [],
-    }
-
-    def save():  # a temporary file renamed over the last save: never half-written
-        results["rss_peak_bytes"] = peak_rss_bytes()
-        part = out / "results.json.part"
-        part.write_text(json.dumps(results, indent=1))
-        part.replace(out / "results.json")
-
-    save()
-    m = results["machine"]
+    m = machine_info()
     note = current_runtime().timing_note()
     log(f"{m['chip']}, {m['backend']} backend, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
         + (f"  ({note})" if note else ""))
-    announce(_configs(models, weights, replaced), settings, m["backend"], log)
-    bar = Progress(_work(settings, models), enabled=progress)
-    try:
-        for name in models:
-            built = build(name, weights if name in replaced else None, dtype=settings.dtype,
-                          bits=settings.bits, group_size=settings.group_size, seed=settings.seed)
-            log(("\n" if progress and bar.tty else "") + f"{built.label}: "
-                + _describe(built, settings))
-            record = _record(built, settings)
-            results["models"].append(record)
-            vocab = built.config["vocab_size"]
+    configs = _configs(models, weights, replaced)
+    estimate = announce(configs, settings, m["backend"], log)
+    if estimate.seconds > HOURS_WARNING and confirm is not None and not confirm(
+            f"Start anyway (about {duration(estimate.seconds)})?"):
+        raise NotStarted(f"nothing was measured or written; {estimate.advice}")
+    return m
 
-            def tokens(kind, n, vocab=vocab, tok=built.tokenizer):
-                return prompt_tokens(kind, n, vocab, tok, settings.seed)
 
-            measure_model(built, settings, tokens, bar, save, record)
-            del built
-            mx.clear_cache()
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through run_cli
-        results["interrupted"] = True
-        raise
-    finally:
-        with sigint_ignored():
-            bar.close()
-            save()
-            if results["interrupted"]:
-                log("interrupted: keeping the results measured so far")
-            log(f"writing {out / 'report.md'}")
-            write_report(out, plots=plots, log=log)
-    return results
+def _measure(models, weights, replaced, settings: Settings, bar, progress, log, save,
+             results) -> None:
+    for name in models:
+        built = build(name, weights if name in replaced else None, dtype=settings.dtype,
+                      bits=settings.bits, group_size=settings.group_size, seed=settings.seed)
+        log(("\n" if progress and bar.tty else "") + f"{built.label}: "
+            + _describe(built, settings))
+        record = _record(built, settings)
+        results["models"].append(record)
+        vocab = built.config["vocab_size"]
+
+        def tokens(kind, n, vocab=vocab, tok=built.tokenizer):
+            return prompt_tokens(kind, n, vocab, tok, settings.seed)
+
+        measure_model(built, settings, tokens, bar, save, record)
+        del built
+        mx.clear_cache()
 
 
 def _describe(built, s: Settings) -> str:
@@ -162,16 +206,6 @@ def _record(built, s: Settings) -> dict:
         "analytic": analytic.summary(built.config, q, kv_dtype=built.dtype,
                                      contexts=s.decode_contexts, prompt_lengths=s.prompt_lengths),
     }
-
-
-def check_out_dir(out: Path) -> None:
-    """--out must be a directory or a path to create one at, never an existing file."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file, not a directory: give a directory "
-                        "for results.json, report.md and the plots (it is made if missing)")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def _configs(models: List[str], weights: Optional[str], replaced: List[str]) -> dict:

@@ -76,6 +76,33 @@ DECODE_KEYS = ("context", "context_filled", "gen_tokens", "tokens_per_s", "step_
                "graph_build_s", "peak_memory_bytes", "kv_cache_bytes", "kv_cache_bytes_analytic")
 STATS_KEYS = ("median", "min", "max", "runs")
 
+# Every key the Python harness writes, in order: bench/harness.py builds each
+# entry with entry() from these lists, so the harness and this description
+# cannot drift apart. The *_KEYS above are what every writer (the Swift runner
+# in ios/ too) must include.
+MEMORY_ENTRY = ("weights_bytes", "active_after_load_bytes", "rss_bytes")
+PREFILL_ENTRY = PREFILL_KEYS + ("rss_bytes",)
+DECODE_ENTRY = ("context", "context_filled", "gen_tokens", "tokens_per_s", "step_s",
+                "graph_build_s", "graph_build_fraction", "graph_nodes", "graph_build_idle_s",
+                "peak_memory_bytes", "fill_s", "fill_peak_memory_bytes", "kv_cache_bytes",
+                "kv_cache_bytes_analytic", "rss_bytes")
+DECODE_BOUND = ("bandwidth_bound_tokens_per_s", "fraction_of_bound")  # with a bandwidth only
+ROUTING_PROMPT_ENTRY = ("layers", "mean_distinct", "mean_entropy", "touched_expert_bytes",
+                        "peak_memory_bytes")
+ROUTING_ENTRY = ("tokens", "prompts", "real_minus_repeat_peak_bytes",
+                 "real_minus_repeat_touched_bytes")
+
+
+def entry(keys, **values) -> dict:
+    """`values` as an entry with exactly `keys`, in their order (a ValueError
+    names a key missing or not in the schema)."""
+    missing = [k for k in keys if k not in values]
+    extra = [k for k in values if k not in keys]
+    if missing or extra:
+        raise ValueError(f"entry keys differ from bench/schema.py: missing {missing}, "
+                         f"not in the schema {extra}")
+    return {k: values[k] for k in keys}
+
 
 def check(results: dict) -> list:
     """Problems with a results dict (empty when it follows the schema)."""

@@ -4,14 +4,17 @@ The CLI runs in this process through click's test runner; measurements use the
 tiny models and settings of a few tokens.
 """
 
+import copy
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import warnings
 from pathlib import Path
 
+import click
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -427,9 +430,10 @@ def test_every_command_takes_h_and_every_option_has_help():
     for name, command in bench_cli.commands.items():
         r = _bench(name, "-h")
         assert r.exit_code == 0 and "--help" in r.stdout, name
-        for option in command.params:
-            if isinstance(option, type(command.params[0])) and option.param_type_name == "option":
-                assert option.help, f"bench {name} {option.opts[0]} has no help"
+        options = [p for p in command.params if isinstance(p, click.Option)]
+        assert options, name
+        for option in options:  # every option, whatever kind of parameter comes first
+            assert option.help, f"bench {name} {option.opts[0]} has no help"
 
 
 def test_run_warns_before_starting_when_it_will_take_hours(tmp_path):
@@ -446,11 +450,12 @@ def test_run_warns_before_starting_when_it_will_take_hours(tmp_path):
                 ON_GPU and message.startswith("estimated time")):
             raise Stop  # stop the run here: it would take hours
 
+    out = tmp_path / "out"
     with pytest.raises(Stop):
-        run_benchmark(["S", "pro"], Settings(dtype="float32", bandwidth_gbps=100.0), tmp_path,
+        run_benchmark(["S", "pro"], Settings(dtype="float32", bandwidth_gbps=100.0), out,
                       progress=False, plots=False, log=log)
-    # Said before any model was built or measured.
-    assert json.loads((tmp_path / "results.json").read_text())["models"] == []
+    # Said before any model was built or anything written (--out was checked, then removed).
+    assert not out.exists()
     assert not any(m.startswith(("MobileMoE-S", "MobileLLM-Pro")) for m in seen)
     assert len([m for m in seen if m.startswith("estimated time: about")]) == 1
     if not ON_GPU:  # on MLX's CPU backend: hours, and what shortens the run
@@ -495,16 +500,27 @@ def test_an_interrupted_run_writes_no_empty_plots_and_no_warnings(tmp_path, capf
     pytest.importorskip("matplotlib")
     s = quick_settings(prompt_lengths=[8], decode_contexts=[8], repeats=1, warmup=0,
                        routing_tokens=0)
+    seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(KeyboardInterrupt):
             run_benchmark(["tiny", "pro-tiny"], s, tmp_path, progress=False, plots=True,
-                          log=_sigint_on(stop_at, []))
+                          log=_sigint_on(stop_at, seen))
     assert [str(w.message) for w in caught] == []
     assert "Warning" not in capfd.readouterr().err
     assert sorted(p.stem for p in tmp_path.glob("*.png")) == pngs
     report = (tmp_path / "report.md").read_text()
     assert ("No plots: no phase was measured" in report) == (not pngs)
+    # The run says where its plots went (or that there are none).
+    said = [m for m in seen if m.startswith(("plots: ", "no plots: "))]
+    assert len(said) == 1, seen
+    if pngs:
+        files = [Path(f) for f in said[0][len("plots: "):].split(", ")]
+        assert sorted(f.stem for f in files) == pngs
+        assert all(f.parent == tmp_path and f.stat().st_size > 1000 for f in files)
+    else:
+        assert said == ["no plots: no phase was measured"]
+    assert not list(tmp_path.glob(".*part*"))  # written under temporary names, renamed
 
 
 def test_report_units_and_paper_numbers(quick_run, tmp_path):
@@ -540,3 +556,80 @@ def test_results_keep_run_level_rss_and_own_keys(quick_run):
     for m in results["models"]:
         assert sorted(m["analytic"]["kv_cache_bytes"]) == ["16", "40"]
         assert sorted(m["analytic"]["prefill_flops_per_token"]) == ["16", "32"]
+
+
+# -- every table of the report well formed, in every state a run can stop in ----------
+
+def _cells(line: str) -> list:
+    """A markdown table line's cells ("\\|" inside a cell is not a border)."""
+    return re.split(r"(?<!\\)\|", line.strip())[1:-1]
+
+
+def _tables(text: str) -> list:
+    blocks, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            blocks.append(block)
+            block = []
+    return blocks
+
+
+def _check_tables(text: str) -> None:
+    for table in _tables(text):
+        header, separator, rows = _cells(table[0]), _cells(table[1]), table[2:]
+        assert set(separator) == {"---"}, table
+        assert len(separator) == len(header), table  # as many separators as header cells
+        assert rows, f"a table without rows: {table}"
+        assert all(len(_cells(r)) == len(header) for r in rows), table
+
+
+def _partial_states(full: dict):
+    """Every state an interrupted run can leave results.json in, from a complete
+    run: the models measured so far, then the one being measured cut short at
+    each point its entry grows (built, memory, each prefill and decode entry,
+    each routing prompt)."""
+    def state(models):
+        return {**copy.deepcopy(full), "interrupted": True, "models": copy.deepcopy(models)}
+
+    for k, m in enumerate(full["models"]):
+        done = full["models"][:k]
+        bare = {key: v for key, v in m.items()
+                if key not in ("memory", "prefill", "decode", "routing", "complete")}
+        yield state(done)
+        yield state(done + [bare])
+        grown = {**bare, "memory": m["memory"], "prefill": [], "decode": []}
+        yield state(done + [grown])
+        for i in range(1, len(m["prefill"]) + 1):
+            yield state(done + [{**grown, "prefill": m["prefill"][:i]}])
+        for j in range(1, len(m["decode"]) + 1):
+            yield state(done + [{**grown, "prefill": m["prefill"], "decode": m["decode"][:j]}])
+        if "routing" in m:
+            kinds = list(m["routing"]["prompts"])
+            for i in range(len(kinds)):
+                prompts = {kind: m["routing"]["prompts"][kind] for kind in kinds[:i]}
+                yield state(done + [{**m, "routing": {"tokens": m["routing"]["tokens"],
+                                                      "prompts": prompts}}])
+    yield full
+
+
+def test_every_report_table_is_well_formed_in_every_partial_state(quick_run):
+    full = _valid_results(quick_run)
+    states = list(_partial_states(full))
+    assert len(states) > 10 and states[0]["models"] == []
+    for results in states:
+        assert load_results_dict_ok(results)
+        for plots in ("skipped", None, [], ["prefill.png"]):
+            _check_tables(build_report(results, plots))
+        _check_tables(build_comparison(results, full, "a", "b"))
+        _check_tables(build_comparison(full, results, "a", "b"))
+    # Stopped before the first model was built: no empty table, but a sentence.
+    empty = build_report(states[0], [])
+    assert "(No model: the run stopped before any was measured.)" in empty
+    assert "(No prefill" in empty and "(No decode" in empty
+
+
+def load_results_dict_ok(results: dict) -> bool:
+    """A partial state is still a file `bench report` reads."""
+    return schema.structure_problem(results) is None
