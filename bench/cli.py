@@ -56,6 +56,7 @@ def main():
 @click.option("--weights", type=click.Path(), help="A converted MobileMoE directory to use "
               "instead of synthetic weights (for the one MoE model in --models).")
 @click.option("--out", default="results", show_default=True, help="Output directory.")
+@click.option("--force", is_flag=True, help="Replace an earlier run's results in --out.")
 @click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Activation and KV dtype. [default: float16 on a GPU (Metal, CUDA), float32 on CPU]")
@@ -73,7 +74,7 @@ def main():
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, prompts,
-        routing_tokens, weights, out, quick, dtype, bits, group_size, prefill_step, bandwidth,
+        routing_tokens, weights, out, force, quick, dtype, bits, group_size, prefill_step, bandwidth,
         seed, no_plots, no_progress, verbose):
     """Measure prefill, decode and memory; write results.json, report.md, plots.
 
@@ -103,7 +104,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         try:
             run_benchmark(names, s, out, weights=weights, progress=not no_progress,
                           plots=not no_plots, log=lambda m: click.echo(m, err=True),
-                          confirm=ask, hard_stop=True)
+                          confirm=ask, hard_stop=True, force=force)
         except KeyboardInterrupt:
             sys.exit(130)  # run_benchmark said "interrupted" and wrote the report
         except NotStarted as e:

@@ -19,9 +19,10 @@ from mobilemoe_mlx.errors import UserError
 ADVICE = "give a directory you can write to"
 
 
-def check_out_dir(out) -> Path:
+def check_out_dir(out, force: bool = False) -> Path:
     """--out must be a directory or a path to create one at, never an existing file
-    (nor an empty string, which Path would read as the current directory)."""
+    (nor an empty string, which Path would read as the current directory), and
+    holds no earlier run's results.json unless `force` says to replace it."""
     if not str(out).strip():
         raise UserError(f"--out is empty: {ADVICE}")
     out = Path(out)
@@ -33,16 +34,19 @@ def check_out_dir(out) -> Path:
         for parent in out.parents:
             if parent.exists() and not parent.is_dir():
                 raise UserError(f"--out {out}: {parent} is a file, not a directory")
+        if not force and (out / "results.json").exists():
+            raise UserError(f"--out {out} already holds a run's results.json: pass --force to "
+                            "replace it, or give another --out")
     except OSError as e:  # a name too long, a loop of links
         raise UserError(f"--out {out}: {_reason(e)}; {ADVICE}") from None
     return out
 
 
-def prepare_out_dir(out) -> List[Path]:
+def prepare_out_dir(out, force: bool = False) -> List[Path]:
     """Create `out` (and missing parents) and prove a file can be written in it.
     Returns the directories created, deepest first, for remove_created(); a
     one-line UserError (with nothing left behind) when `out` cannot hold the run."""
-    out = check_out_dir(out)
+    out = check_out_dir(out, force)
     created = [p for p in (out, *out.parents) if not os.path.lexists(p)]
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def validate_models(models: List[str], settings: Settings, weights: Optional[str
 def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optional[str] = None,
                   progress: bool = True, plots: bool = True, log=print,
                   confirm: Optional[Callable[[str], bool]] = None,
-                  hard_stop: bool = False) -> dict:
+                  hard_stop: bool = False, force: bool = False) -> dict:
     """Measure `models` (names or converted directories) and write
     out_dir/results.json and out_dir/report.md. Ctrl-C stops the run and keeps
     every model entry measured so far (results.json says "interrupted"); the
@@ -88,10 +88,11 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     `confirm(question)` is asked before a run estimated at over an hour (a
     False answer raises NotStarted, with nothing written). `hard_stop` ends
     the process within a second of Ctrl-C even inside MLX (bench/interrupt.py):
-    for the command line, never for a caller that must keep running."""
+    for the command line, never for a caller that must keep running. An
+    earlier run's results.json in `out_dir` is replaced only with `force`."""
     replaced = validate_models(models, settings, weights)
     out = Path(out_dir)
-    created = prepare_out_dir(out_dir)  # before anything is measured or asked
+    created = prepare_out_dir(out_dir, force)  # before anything is measured or asked
     try:
         machine = _announce(models, weights, replaced, settings, log, confirm)
     except BaseException as e:

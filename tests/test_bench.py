@@ -633,3 +633,15 @@ def test_every_report_table_is_well_formed_in_every_partial_state(quick_run):
 def load_results_dict_ok(results: dict) -> bool:
     """A partial state is still a file `bench report` reads."""
     return schema.structure_problem(results) is None
+
+
+def test_a_second_run_into_the_same_out_needs_force(quick_run):
+    # Never overwrite without --force: an earlier run's results stay as they were.
+    from bench.files import check_out_dir
+
+    out, _, _ = quick_run
+    before = (out / "results.json").read_bytes()
+    r = _bench("run", "--quick", "--out", out, "--no-plots", "--no-progress")
+    assert r.exit_code == 2 and "already holds a run's results.json" in r.output
+    assert "--force" in r.output and (out / "results.json").read_bytes() == before
+    assert check_out_dir(out, force=True) == out
