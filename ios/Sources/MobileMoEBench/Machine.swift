@@ -72,10 +72,11 @@ public enum ProcessMemory {
     /// KiB on Linux, as harness.py's peak_rss_bytes).
     public static func peakResidentBytes() -> Int {
         var usage = rusage()
-        getrusage(RUSAGE_SELF, &usage)
         #if canImport(Darwin)
+            getrusage(RUSAGE_SELF, &usage)
             return Int(usage.ru_maxrss)
         #else
+            getrusage(Int32(RUSAGE_SELF.rawValue), &usage)  // Glibc imports it as an enum
             return Int(usage.ru_maxrss) * 1024
         #endif
     }
