@@ -23,7 +23,7 @@ let analytic: JSONValue = .object([
 let model = ModelRecord(
     name: "tiny", label: "tiny label", family: "moe", synthetic: true, source: "/tmp/tiny",
     config: .object(["vocab_size": .int(512)]), dtype: "float32",
-    quant: .object(["bits": .int(4)]), analytic: analytic,
+    quant: .object(["bits": .int(4), "group_size": .int(32)]), analytic: analytic,
     memory: MemoryRecord(weightsBytes: 1, activeAfterLoadBytes: 1, rssBytes: nil),
     prefill: [], decode: [decode],
     routing: RoutingRecord(tokens: 16, prompts: ["real": prompt, "random": prompt, "repeat": prompt]),
