@@ -156,8 +156,20 @@ def parity_arrays(model, tokens: np.ndarray):
     return np.array(logits), experts, routing_gaps(model, moe_inputs)
 
 
+def save_loaded_model(model, config: dict, out: Path) -> None:
+    """A loaded model's parameters as they are in memory (q/k/v and the shared
+    expert's gate/up stacked, when quantized) with its config: a directory
+    saved fused, as mlx-lm writes one when it re-saves a loaded model."""
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def export_parity(out: Path, seed: int) -> dict:
-    """Write the parity fixture into `out` (a fresh temporary directory)."""
+    """Write the parity fixture into `out` (a fresh temporary directory): the
+    converted model (q/k/v and shared gate/up stored apart, fused at load) and
+    the same model saved as loaded (model-fused/: fused on disk)."""
     from mobilemoe_mlx.convert import convert
     from mobilemoe_mlx.loading import load_converted
     from mobilemoe_mlx.synthetic import BOS_ID, write_synthetic
@@ -183,12 +195,17 @@ def export_parity(out: Path, seed: int) -> dict:
     else:
         raise RuntimeError("no seed gave routing choices clear of ties")
     shutil.rmtree(out / ".source")
+    save_loaded_model(model, json.loads((model_dir / "config.json").read_text()),
+                      out / "model-fused")
     arrays = {"tokens": mx.array(tokens[None]), "logits": mx.array(logits)}
     arrays.update({f"experts.{i}": mx.array(e) for i, e in enumerate(experts)})
     mx.save_safetensors(str(out / "parity.safetensors"), arrays)
     info = {"seed": attempt, "tokens": PARITY_TOKENS, "layers": len(experts),
             "min_routing_gap": min_gap, "min_cosine": 0.9999,
-            "model": "model/ (a converted tiny MobileMoE, float32)",
+            "model": "model/ (a converted tiny MobileMoE: INT4 weights, float32 otherwise; "
+                     "q/k/v and the shared expert's gate/up stored apart, fused at load)",
+            "model-fused": "model-fused/ (model/ saved as loaded: qkv_proj and gate_up_proj "
+                           "on disk; the same logits and experts)",
             "arrays": "tokens [1, T] int32, logits [1, T, V] float32, "
                       "experts.{layer} [T, K] int32 (each row sorted)"}
     (out / "parity.json").write_text(json.dumps(info, indent=2))

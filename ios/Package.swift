@@ -1,7 +1,9 @@
 // swift-tools-version: 6.1
 // MobileMoE for Apple devices: the model (MobileMoE + the dense MobileLLM-Pro
 // baseline) registered with mlx-swift-lm, the benchmark library, and the
-// macOS benchmark command. The iOS app's sources live in App/ (see README.md).
+// benchmark command. The iOS app's sources live in App/, outside every target
+// here (an Xcode app target builds them, see README.md), so `swift build`
+// also works where SwiftUI does not (Linux, CPU: see README.md).
 //
 // mlx-swift 0.31.6 declares swift-tools-version 6.3, so building this package
 // needs a Swift 6.3 toolchain even though this manifest asks for 6.1.
@@ -51,6 +53,7 @@ let package = Package(
             dependencies: [
                 "MobileMoE",
                 .product(name: "MLX", package: "mlx-swift"),
+                .product(name: "MLXNN", package: "mlx-swift"),
                 .product(name: "MLXLMCommon", package: "mlx-swift-lm"),
             ],
             path: "Tests/MobileMoETests"

@@ -87,6 +87,28 @@ def test_parity_fixture_equals_an_independent_recomputation(parity):
     assert info["min_routing_gap"] > 1e-4
 
 
+def test_parity_fixture_saved_fused_model_stacks_the_separate_tensors(parity):
+    # model-fused/ is model/ as Python loads it: the stacked tensors, bit for bit.
+    separate = mx.load(str(parity / "model" / "model.safetensors"))
+    fused = mx.load(str(parity / "model-fused" / "model.safetensors"))
+    groups = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+              "feed_forward.shared_expert": ("gate_up_proj", ("gate_proj", "up_proj"))}
+    stacked = set()
+    for i in range(json.loads((parity / "parity.json").read_text())["layers"]):
+        for module, (whole, parts) in groups.items():
+            p = f"model.layers.{i}.{module}"
+            for r in ("weight", "scales", "biases"):
+                want = mx.concatenate([separate[f"{p}.{part}.{r}"] for part in parts])
+                assert mx.array_equal(fused[f"{p}.{whole}.{r}"], want), f"{p}.{whole}.{r}"
+                stacked.add(f"{p}.{whole}.{r}")
+                stacked.update(f"{p}.{part}.{r}" for part in parts)
+    rest = set(fused) - stacked
+    assert rest == set(separate) - stacked
+    assert all(mx.array_equal(fused[k], separate[k]) for k in rest)
+    assert json.loads((parity / "model-fused" / "config.json").read_text()) == \
+        json.loads((parity / "model" / "config.json").read_text())
+
+
 def test_parity_fixture_is_not_overwritten_without_force(parity):
     before = (parity / "parity.safetensors").read_bytes()
     result = invoke("export-parity", "--out", str(parity))
@@ -143,7 +165,7 @@ def test_export_synthetic_dense_has_dense_py_and_swift_names(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mobilellm_pro"
     assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
-    assert names == dense_python_names(tiny_pro_config())
+    assert names == dense_python_names(tiny_pro_config(), fuse=False)
     swift = model_tree(config["num_hidden_layers"]).names("MobileLLMProModel", names)
     assert swift == names
     plan = json.loads((out / "bench_prompts.json").read_text())

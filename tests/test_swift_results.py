@@ -2,11 +2,18 @@
 Results.swift) is read by `python -m bench report` and `--compare`, beside a
 Python run. The hand-made file below must carry exactly the keys the Swift
 types declare (extracted from the Swift source), so it follows the Swift code.
+With a Swift compiler (e2e tier), Results.swift's own encoder writes a file
+with non-finite numbers, which must read back as Python writes them.
 """
 
 import copy
 import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from test_swift_sources import json_keys, results_types
 
@@ -50,7 +57,9 @@ def swift_results() -> dict:
                         "tokens_per_s": stats(150.0, 148.0, 152.0),
                         "step_s": stats(0.0066, 0.0067, 0.0065),
                         "graph_build_s": stats(0.0004, 0.0005, 0.0004),
-                        "graph_build_fraction": 0.06, "peak_memory_bytes": 900_000_000,
+                        "graph_build_fraction": 0.06,
+                        "graph_build_idle_s": stats(0.0003, 0.0004, 0.0003),
+                        "peak_memory_bytes": 900_000_000,
                         "fill_s": 0.1, "fill_peak_memory_bytes": 950_000_000,
                         "kv_cache_bytes": 20_971_520, "kv_cache_bytes_analytic": 10_485_760.0,
                         "rss_bytes": 1_000_000_000, "footprint_bytes": 1_050_000_000}],
@@ -68,7 +77,7 @@ def swift_results() -> dict:
     return {
         "schema": "mobilemoe-bench/results", "schema_version": 2,
         "created": "2026-11-25T21:00:00+01:00", "interrupted": False,
-        "machine": {"chip": "applegpu_g16p", "cpu": "Apple A18 Pro", "machine": "iPhone17,1",
+        "machine": {"chip": "Apple A18 Pro GPU", "cpu": None, "machine": "iPhone17,1",
                     "os": "iOS 18.2.0", "memory_bytes": 8_000_000_000, "cpu_count": 6,
                     "mlx": "0.31.6 (mlx-swift)", "mlx_lm": "3.31.4 (mlx-swift-lm)",
                     "backend": "Metal", "default_device": "Device(gpu, 0)",
@@ -142,3 +151,37 @@ def test_bench_report_and_compare_read_a_swift_run_beside_a_python_run(tmp_path)
     assert "Only in" not in compare
     direct = build_comparison(load_results(python_dir), load_results(swift_dir), "py", "swift")
     assert "| pro label | prefill tok/s | 512 | 1280.00 | 2560.00 | 2.00x |" in direct
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SWIFTC = shutil.which("swiftc") or next(
+    (p for p in ("/opt/swift/usr/bin/swiftc",) if Path(p).exists()), None)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(SWIFTC is None, reason="needs a Swift compiler (swiftc)")
+def test_swift_encoder_writes_non_finite_numbers_as_python_does(tmp_path):
+    # Results.swift and Plan.swift need only Foundation: compiled here with a
+    # driver that encodes NaN (a routing entropy over one expert) and both
+    # infinities. JSONEncoder refuses them by default, which lost the whole file.
+    sources = [ROOT / "ios/Sources/MobileMoEBench/Results.swift",
+               ROOT / "ios/Sources/MobileMoEBench/Plan.swift",
+               ROOT / "tests/swift/results_encoder/main.swift"]
+    exe = tmp_path / "encode"
+    subprocess.run([SWIFTC, "-swift-version", "6", *map(str, sources), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=600)
+    text = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+    r = json.loads(text)  # Python's json reads NaN / Infinity / -Infinity
+    layer = r["models"][0]["routing"]["prompts"]["real"]["layers"][0]
+    assert math.isnan(layer["entropy"]) and layer["max_over_mean"] == math.inf
+    assert r["models"][0]["decode"][0]["graph_build_fraction"] == -math.inf
+    # Written with the very tokens json.dumps writes, no marker strings left.
+    for token in ("NaN", "Infinity", "-Infinity"):
+        assert f": {token}" in text and f'"{token}"' not in text
+    assert "nonfinite" not in text
+    assert json.dumps(float("nan")) == "NaN" and json.dumps(-math.inf) == "-Infinity"
+    assert schema.check(r) == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(text)
+    assert "tiny label" in build_report(load_results(tmp_path / "run"), plots="skipped")

@@ -6,10 +6,13 @@ with tree-sitter's Swift grammar:
 - every .swift file parses with no ERROR or MISSING node;
 - the parameter names MobileMoE.swift / MobileLLMPro.swift declare (module keys
   from @ModuleInfo(key:) / @ParameterInfo(key:), else property names, walked
-  from the model class down) equal the tensor names of converted models (QAT
-  and bf16, quantized and not) and of dense.py's quantized model, loading the
-  way mlx-swift-lm's loadWeights does (a Quantizable layer is swapped for its
-  quantized form exactly when the weights carry its `.scales`);
+  from the model class down) equal the parameter names of the Python model
+  loaded from converted models (QAT and bf16, quantized and not) and of
+  dense.py's quantized model, fused or not, loading the way mlx-swift-lm's
+  loadWeights does (a Quantizable layer is swapped for its quantized form
+  exactly when the weights carry its `.scales`; an optional module, such as
+  the fused qkv_proj or the separate q_proj, is there when the weights carry
+  tensors under it);
 - the Swift results types' JSON keys (CodingKeys raw values, else property
   names) cover bench/schema.py's keys.
 
@@ -44,7 +47,10 @@ MLXNN_QUANTIZED = {"Linear": ["weight", "scales", "biases"],
 
 
 def swift_files() -> List[Path]:
-    return sorted(IOS.rglob("*.swift"))
+    """The package's own Swift files: not SwiftPM's build folder (.build, which
+    holds the checked-out dependencies after a `swift build`) or .swiftpm."""
+    return sorted(p for p in IOS.rglob("*.swift")
+                  if not {".build", ".swiftpm"} & set(p.relative_to(IOS).parts))
 
 
 def parse(path: Path):
@@ -80,7 +86,13 @@ class SwiftType:
     def __init__(self, name: str, bases: List[str]):
         self.name, self.bases = name, bases
         self.properties: List[tuple] = []  # (json or parameter key, type name, is_array)
+        self.optional: Set[str] = set()  # keys of the properties of optional type
         self.coding_keys: Optional[List[str]] = None
+
+
+def _is_optional(type_annotation) -> bool:
+    named = type_annotation.named_children
+    return bool(named) and named[0].type == "optional_type"
 
 
 def _type_of(node, src) -> tuple:
@@ -148,6 +160,10 @@ def swift_types(paths) -> Dict[str, SwiftType]:
                             prop = _property(member, src)
                             if prop:
                                 t.properties.append(prop)
+                                annotation = next((x for x in member.named_children
+                                                   if x.type == "type_annotation"), None)
+                                if annotation is not None and _is_optional(annotation):
+                                    t.optional.add(prop[0])
                     visit(body, src, t)
             elif c.type not in ("function_declaration", "init_declaration"):
                 visit(c, src, parent)
@@ -225,6 +241,8 @@ class ModelTree:
         for key, type_name, is_array in (t.properties if t else []):
             if key.startswith("_") or not self.is_module(type_name):
                 continue
+            if key in t.optional and not any(w.startswith(f"{prefix}{key}.") for w in weights):
+                continue  # an optional module the weights leave out (fused or separate)
             if is_array:  # the decoder layers
                 for i in range(self.layers):
                     self._walk(type_name, f"{prefix}{key}.{i}.", weights, out)
@@ -252,18 +270,32 @@ def test_every_swift_linear_is_built_without_bias():
     assert calls and all("bias: false" in c for c in calls), calls
 
 
-def _weight_names(converted) -> Set[str]:
-    return {k for k in converted.weights() if not k.startswith("lm_head.")}
+def _loaded_names(converted) -> Set[str]:
+    """The parameter names of the Python model loaded from `converted`: the
+    file's tensors after model.py's sanitize (q/k/v and shared gate/up fused
+    when quantized), which the Swift model's sanitize must reproduce."""
+    return {k for k, _ in tree_flatten(converted.model().parameters())}
 
 
 @pytest.mark.parametrize("fixture", ["qat_int4", "bf16_int4", "qat_dense", "bf16_dense"])
-def test_swift_mobilemoe_parameters_equal_converted_tensor_names(fixture, request):
+def test_swift_mobilemoe_parameters_equal_loaded_python_names(fixture, request):
     converted = request.getfixturevalue(fixture)
-    weights = _weight_names(converted)
+    names = _loaded_names(converted)
     tree = model_tree(converted.config["num_hidden_layers"])
-    declared = tree.names("MobileMoEModel", weights)
-    assert declared == weights, (f"only in Swift: {sorted(declared - weights)[:8]}; "
-                                 f"only in the files: {sorted(weights - declared)[:8]}")
+    declared = tree.names("MobileMoEModel", names)
+    assert declared == names, (f"only in Swift: {sorted(declared - names)[:8]}; "
+                               f"only in Python: {sorted(names - declared)[:8]}")
+
+
+def test_swift_attention_declares_fused_and_separate_projections():
+    # Fusion changes the names: quantized directories load as qkv_proj and
+    # gate_up_proj (model.py), float ones keep q/k/v and gate/up; the Swift
+    # modules must be able to hold either.
+    tree = model_tree(1)
+    for swift_type, fused, parts in [("Attention", "qkv_proj", {"q_proj", "k_proj", "v_proj"}),
+                                     ("SwiGLU", "gate_up_proj", {"gate_proj", "up_proj"})]:
+        t = tree.types[swift_type]
+        assert {fused} | parts <= t.optional, (swift_type, t.optional)
 
 
 def test_swift_router_is_never_quantized(qat_int4):
@@ -275,26 +307,30 @@ def test_swift_router_is_never_quantized(qat_int4):
     assert ("expert_bias", "MLXArray", False) in moe.properties
 
 
-def dense_python_names(config: dict) -> Set[str]:
-    """dense.py's model quantized as the benchmark quantizes it (router excepted)."""
+def dense_python_names(config: dict, fuse: bool) -> Set[str]:
+    """dense.py's model quantized as the benchmark quantizes it (router
+    excepted), fused as `bench run` runs it or not."""
     from bench.dense import Model, ModelArgs
     from bench.models import _not_router
 
     model = Model(ModelArgs.from_dict(config))
     nn.quantize(model, group_size=32, bits=4, class_predicate=_not_router)
+    if fuse:
+        model.fuse()
     return {k for k, _ in tree_flatten(model.parameters())}
 
 
-@pytest.mark.parametrize("quantized", [True, False])
-def test_swift_dense_parameters_equal_dense_py(quantized):
+@pytest.mark.parametrize("quantized, fuse", [(True, True), (True, False), (False, False)])
+def test_swift_dense_parameters_equal_dense_py(quantized, fuse):
     from bench.dense import Model, ModelArgs
     from bench.models import tiny_pro_config
 
     config = tiny_pro_config()
     if quantized:
-        names = dense_python_names(config)
+        names = dense_python_names(config, fuse)
     else:
         names = {k for k, _ in tree_flatten(Model(ModelArgs.from_dict(config)).parameters())}
+    assert any("qkv_proj" in n for n in names) == fuse
     declared = model_tree(config["num_hidden_layers"]).names("MobileLLMProModel", names)
     assert declared == names, (f"only in Swift: {sorted(declared - names)[:8]}; "
                                f"only in dense.py: {sorted(names - declared)[:8]}")
@@ -316,3 +352,33 @@ def test_swift_results_fields_match_schema(swift_type, keys, exact):
     assert set(keys) <= got, f"{swift_type} lacks {sorted(set(keys) - got)}"
     if exact:
         assert got == set(keys)
+
+
+def _package_names() -> Set[str]:
+    """Every target and product name Package.swift declares."""
+    src = (IOS / "Package.swift").read_text()
+    return set(re.findall(
+        r"\.(?:target|executableTarget|testTarget|library|executable)\(\s*name:\s*\"([^\"]+)\"",
+        src))
+
+
+def _readme_app_target() -> str:
+    match = re.search(r"File > New > Project > iOS > App, name it\s+`([^`]+)`",
+                      (IOS / "README.md").read_text())
+    assert match, "ios/README.md's iOS steps name the app target"
+    return match.group(1)
+
+
+def test_app_target_name_cannot_collide():
+    # The Xcode app target's name is its module's name: if it equals the library
+    # the app imports (MobileMoEBench), `import MobileMoEBench` is ignored and
+    # every Bench* type is "not found"; if it equals a type the app declares,
+    # that type's name is ambiguous.
+    name = _readme_app_target()
+    app = swift_types(sorted((IOS / "App").glob("*.swift")))
+    structs = set(re.findall(r"\b(?:struct|class|enum)\s+(\w+)",
+                             "\n".join(p.read_text() for p in (IOS / "App").glob("*.swift"))))
+    package = _package_names()
+    assert {"MobileMoE", "MobileMoEBench", "mobilemoe-bench"} <= package
+    assert name not in package, f"app target {name} collides with a package target"
+    assert name not in set(app) | structs, f"app target {name} is also a type in App/"

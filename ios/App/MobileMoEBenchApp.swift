@@ -1,5 +1,6 @@
 // The iOS benchmark app: one screen (ContentView). Build it as an Xcode iOS app
-// target that links the MobileMoEBench library of ../Package.swift; see
+// target (named MobileMoEBenchiOS, not MobileMoEBench: see ../README.md) that
+// links the MobileMoEBench library of ../Package.swift; see
 // ../README.md ("iPhone") for the steps, the Info.plist and the entitlement.
 
 import SwiftUI

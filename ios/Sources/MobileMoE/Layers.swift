@@ -25,11 +25,49 @@ public struct RoPEParameters: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case ropeType = "rope_type"
+        case legacyType = "type"
         case factor
         case originalMaxPositionEmbeddings = "original_max_position_embeddings"
         case lowFreqFactor = "low_freq_factor"
         case highFreqFactor = "high_freq_factor"
         case ropeTheta = "rope_theta"
+    }
+
+    public init(
+        ropeType: String?, factor: Double? = nil, originalMaxPositionEmbeddings: Double? = nil,
+        lowFreqFactor: Double? = nil, highFreqFactor: Double? = nil, ropeTheta: Double? = nil
+    ) {
+        self.ropeType = ropeType
+        self.factor = factor
+        self.originalMaxPositionEmbeddings = originalMaxPositionEmbeddings
+        self.lowFreqFactor = lowFreqFactor
+        self.highFreqFactor = highFreqFactor
+        self.ropeTheta = ropeTheta
+    }
+
+    /// Older configs name the scaling kind `type` instead of `rope_type`;
+    /// mlx-lm (and mobilemoe_mlx/config.py) accept either, `rope_type` first.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        ropeType =
+            try c.decodeIfPresent(String.self, forKey: .ropeType)
+            ?? c.decodeIfPresent(String.self, forKey: .legacyType)
+        factor = try c.decodeIfPresent(Double.self, forKey: .factor)
+        originalMaxPositionEmbeddings = try c.decodeIfPresent(
+            Double.self, forKey: .originalMaxPositionEmbeddings)
+        lowFreqFactor = try c.decodeIfPresent(Double.self, forKey: .lowFreqFactor)
+        highFreqFactor = try c.decodeIfPresent(Double.self, forKey: .highFreqFactor)
+        ropeTheta = try c.decodeIfPresent(Double.self, forKey: .ropeTheta)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encodeIfPresent(ropeType, forKey: .ropeType)
+        try c.encodeIfPresent(factor, forKey: .factor)
+        try c.encodeIfPresent(originalMaxPositionEmbeddings, forKey: .originalMaxPositionEmbeddings)
+        try c.encodeIfPresent(lowFreqFactor, forKey: .lowFreqFactor)
+        try c.encodeIfPresent(highFreqFactor, forKey: .highFreqFactor)
+        try c.encodeIfPresent(ropeTheta, forKey: .ropeTheta)
     }
 }
 
@@ -94,11 +132,85 @@ func llama3Periods(dimensions: Int, theta: Double, scaling: RoPEParameters) -> [
     }
 }
 
-/// RMS normalisation over the last axis without a learned scale (QK-norm).
-/// MLXFast.rmsNorm takes a weight; a ones weight of the input's dtype keeps
-/// the result exact and the dtype unchanged.
-func weightlessRMSNorm(_ x: MLXArray, eps: Float) -> MLXArray {
-    MLXFast.rmsNorm(x, weight: MLXArray.ones([x.dim(-1)], dtype: x.dtype), eps: eps)
+/// The unit weights of the weightless QK-norm: MLXFast.rmsNorm takes a weight
+/// (mlx-swift has no `weight: nil` as Python's mx.fast.rms_norm), so it gets a
+/// ones vector of the input's dtype (a float32 one would promote float16
+/// activations). Made once per dtype and width and shared by every attention
+/// layer of a model, not per call: a fresh `ones` per call would add graph
+/// nodes to every layer of every decode step. Not a parameter (no MLXArray
+/// property of a Module), so loading and the parameter names ignore it.
+final class UnitWeights: @unchecked Sendable {
+    private var cache = [String: MLXArray]()
+    private let lock = NSLock()
+
+    func callAsFunction(_ dimensions: Int, dtype: DType) -> MLXArray {
+        let key = "\(dtype)-\(dimensions)"
+        lock.lock()
+        defer { lock.unlock() }
+        if let w = cache[key] { return w }
+        let w = MLXArray.ones([dimensions], dtype: dtype)
+        eval(w)
+        cache[key] = w
+        return w
+    }
+}
+
+/// RMS normalisation over the last axis without a learned scale (QK-norm):
+/// the unit weight keeps the result exact and the dtype unchanged.
+func weightlessRMSNorm(_ x: MLXArray, eps: Float, units: UnitWeights) -> MLXArray {
+    MLXFast.rmsNorm(x, weight: units(x.dim(-1), dtype: x.dtype), eps: eps)
+}
+
+// MARK: - Fusion at load
+
+/// A module whose projections `partKeys` (Linear, no bias) can run as one
+/// stacked linear `fusedKey`, as mobilemoe_mlx/model.py's _Fusable: at load,
+/// when all parts are quantized with the same packing, their packed words,
+/// scales and biases are stacked along the output rows (quantization groups
+/// run along the input, so every product is exactly that of the separate
+/// matmuls) and one matmul replaces two or three. Float weights stay separate
+/// (a wider float matmul may sum in another order), as do mixed packings. A
+/// directory saved fused (mlx-lm re-saving a loaded model) loads fused.
+protocol FusableProjections: Module {
+    static var fusedKey: String { get }
+    static var partKeys: [String] { get }
+    /// The separate projections, while not fused.
+    var parts: [Linear] { get }
+    var isFused: Bool { get }
+}
+
+extension FusableProjections {
+    /// Loading: stack this module's tensors in `weights` (in place) when all are
+    /// quantized alike, and swap in one (float, to be quantized by the loader)
+    /// linear for the parts. `prefix` is this module's parameter path.
+    func fuseWeights(_ weights: inout [String: MLXArray], prefix: String) {
+        guard !isFused else { return }
+        let fused = "\(prefix).\(Self.fusedKey)"
+        if weights["\(fused).weight"] == nil {
+            let names = Self.partKeys.map { "\(prefix).\($0)" }
+            guard names.allSatisfy({ weights["\($0).scales"] != nil }) else { return }
+            // Same bits and group size (widths of words and scales) or no fusion.
+            let packings = Set(
+                names.map { n -> String in
+                    let (w, sc) = (weights["\(n).weight"]!, weights["\(n).scales"]!)
+                    return "\(w.shape.dropFirst()) \(sc.shape.dropFirst()) \(sc.dtype)"
+                })
+            guard packings.count == 1 else { return }
+            for r in ["weight", "scales", "biases"] where weights["\(names[0]).\(r)"] != nil {
+                weights["\(fused).\(r)"] = concatenated(
+                    names.map { weights.removeValue(forKey: "\($0).\(r)")! }, axis: 0)
+            }
+        }
+        let linears = parts
+        let outputs = linears.reduce(0) { $0 + $1.weight.dim(0) }
+        var children: [String: NestedItem<String, Module>] = [
+            Self.fusedKey: .value(Linear(linears[0].weight.dim(1), outputs, bias: false))
+        ]
+        for key in Self.partKeys {
+            children[key] = NestedItem<String, Module>.none
+        }
+        update(modules: ModuleChildren(values: children))
+    }
 }
 
 // MARK: - Attention
@@ -112,48 +224,73 @@ struct AttentionShape {
     let eps: Float
 }
 
-/// GQA attention: q/k/v projections without bias, interleaved RoPE, then the
-/// weightless per-head RMS norm (it commutes with the rotation, the checkpoints
-/// apply it after), softmax attention with scale 1/sqrt(head_dim).
-final class Attention: Module {
+/// GQA attention: q/k/v projections without bias (one stacked qkv_proj once
+/// fused), interleaved RoPE, then the weightless per-head RMS norm (it
+/// commutes with the rotation, the checkpoints apply it after), softmax
+/// attention with scale 1/sqrt(head_dim).
+final class Attention: Module, FusableProjections {
+    static let fusedKey = "qkv_proj"
+    static let partKeys = ["q_proj", "k_proj", "v_proj"]
+
     let heads: Int
     let kvHeads: Int
     let headDim: Int
     let eps: Float
     let scale: Float
     let rope: InterleavedRoPE
+    let units: UnitWeights
 
-    @ModuleInfo(key: "q_proj") var qProj: Linear
-    @ModuleInfo(key: "k_proj") var kProj: Linear
-    @ModuleInfo(key: "v_proj") var vProj: Linear
+    @ModuleInfo(key: "q_proj") var qProj: Linear?
+    @ModuleInfo(key: "k_proj") var kProj: Linear?
+    @ModuleInfo(key: "v_proj") var vProj: Linear?
+    @ModuleInfo(key: "qkv_proj") var qkvProj: Linear?
     @ModuleInfo(key: "o_proj") var oProj: Linear
 
-    init(_ shape: AttentionShape, rope: InterleavedRoPE) {
+    init(_ shape: AttentionShape, rope: InterleavedRoPE, units: UnitWeights) {
         self.heads = shape.heads
         self.kvHeads = shape.kvHeads
         self.headDim = shape.headDim
         self.eps = shape.eps
         self.scale = 1 / Float(shape.headDim).squareRoot()
         self.rope = rope
+        self.units = units
         let d = shape.hiddenSize
         self._qProj.wrappedValue = Linear(d, shape.heads * shape.headDim, bias: false)
         self._kProj.wrappedValue = Linear(d, shape.kvHeads * shape.headDim, bias: false)
         self._vProj.wrappedValue = Linear(d, shape.kvHeads * shape.headDim, bias: false)
+        self._qkvProj.wrappedValue = nil
         self._oProj.wrappedValue = Linear(shape.heads * shape.headDim, d, bias: false)
         super.init()
     }
+
+    var parts: [Linear] { [qProj, kProj, vProj].compactMap { $0 } }
+    var isFused: Bool { qkvProj != nil }
 
     func callAsFunction(
         _ x: MLXArray, mask: MLXFast.ScaledDotProductAttentionMaskMode, cache: KVCache?
     ) -> MLXArray {
         let (b, l) = (x.dim(0), x.dim(1))
-        var q = qProj(x).reshaped(b, l, heads, headDim).transposed(0, 2, 1, 3)
-        var k = kProj(x).reshaped(b, l, kvHeads, headDim).transposed(0, 2, 1, 3)
-        let v = vProj(x).reshaped(b, l, kvHeads, headDim).transposed(0, 2, 1, 3)
-
         let offset = cache?.offset ?? 0
-        q = weightlessRMSNorm(rope(q, offset: offset), eps: eps)
-        k = weightlessRMSNorm(rope(k, offset: offset), eps: eps)
+        let q: MLXArray
+        let k: MLXArray
+        let v: MLXArray
+        if let qkvProj {
+            // One matmul, then q and k heads rotated and normalised together
+            // (both per head and per position: one RoPE and one RMS-norm for
+            // both, the same values as two of each), as model.py does.
+            let qkv = qkvProj(x).reshaped(b, l, heads + 2 * kvHeads, headDim)
+                .transposed(0, 2, 1, 3)
+            let qkAndV = qkv.split(indices: [heads + kvHeads], axis: 1)
+            let qk = weightlessRMSNorm(rope(qkAndV[0], offset: offset), eps: eps, units: units)
+                .split(indices: [heads], axis: 1)
+            (q, k, v) = (qk[0], qk[1], qkAndV[1])
+        } else {
+            let qs = qProj!(x).reshaped(b, l, heads, headDim).transposed(0, 2, 1, 3)
+            let ks = kProj!(x).reshaped(b, l, kvHeads, headDim).transposed(0, 2, 1, 3)
+            v = vProj!(x).reshaped(b, l, kvHeads, headDim).transposed(0, 2, 1, 3)
+            q = weightlessRMSNorm(rope(qs, offset: offset), eps: eps, units: units)
+            k = weightlessRMSNorm(rope(ks, offset: offset), eps: eps, units: units)
+        }
 
         let out = attentionWithCacheUpdate(
             queries: q, keys: k, values: v, cache: cache, scale: scale, mask: mask)
@@ -163,22 +300,42 @@ final class Attention: Module {
 
 // MARK: - Feed-forward
 
-/// SwiGLU: the always-on shared expert of MobileMoE and the dense model's MLP.
-final class SwiGLU: Module, UnaryLayer {
-    @ModuleInfo(key: "gate_proj") var gateProj: Linear
-    @ModuleInfo(key: "up_proj") var upProj: Linear
+/// SwiGLU: the always-on shared expert of MobileMoE and the dense model's MLP
+/// (gate and up one stacked gate_up_proj once fused).
+final class SwiGLU: Module, UnaryLayer, FusableProjections {
+    static let fusedKey = "gate_up_proj"
+    static let partKeys = ["gate_proj", "up_proj"]
+
+    @ModuleInfo(key: "gate_proj") var gateProj: Linear?
+    @ModuleInfo(key: "up_proj") var upProj: Linear?
+    @ModuleInfo(key: "gate_up_proj") var gateUpProj: Linear?
     @ModuleInfo(key: "down_proj") var downProj: Linear
 
     init(dimensions: Int, hiddenDimensions: Int) {
         self._gateProj.wrappedValue = Linear(dimensions, hiddenDimensions, bias: false)
         self._upProj.wrappedValue = Linear(dimensions, hiddenDimensions, bias: false)
+        self._gateUpProj.wrappedValue = nil
         self._downProj.wrappedValue = Linear(hiddenDimensions, dimensions, bias: false)
         super.init()
     }
 
+    var parts: [Linear] { [gateProj, upProj].compactMap { $0 } }
+    var isFused: Bool { gateUpProj != nil }
+
     func callAsFunction(_ x: MLXArray) -> MLXArray {
-        downProj(silu(gateProj(x)) * upProj(x))
+        if let gateUpProj {
+            let gateUp = gateUpProj(x).split(parts: 2, axis: -1)
+            return downProj(swiglu(gateUp[0], gateUp[1]))
+        }
+        return downProj(swiglu(gateProj!(x), upProj!(x)))
     }
+}
+
+/// silu(gate) * up as one compiled function, as mlx-lm's `swiglu` (which
+/// model.py uses): its elementwise steps run as one kernel and the host
+/// replays one traced graph instead of building three operations.
+let swiglu: @Sendable (MLXArray, MLXArray) -> MLXArray = compile(shapeless: true) { gate, up in
+    silu(gate) * up
 }
 
 // MARK: - Experts

@@ -85,12 +85,15 @@ final class DenseDecoderLayer: Module {
     @ModuleInfo(key: "input_layernorm") var inputNorm: RMSNorm
     @ModuleInfo(key: "post_attention_layernorm") var postAttentionNorm: RMSNorm
 
-    init(_ config: MobileLLMProConfiguration, layerType: String, rope: InterleavedRoPE) {
+    init(
+        _ config: MobileLLMProConfiguration, layerType: String, rope: InterleavedRoPE,
+        units: UnitWeights
+    ) {
         self.isLocal = layerType == MobileLLMProConfiguration.local
         let shape = AttentionShape(
             hiddenSize: config.hiddenSize, heads: config.attentionHeads,
             kvHeads: config.kvHeads, headDim: config.headDim, eps: config.rmsNormEps)
-        self._attention.wrappedValue = Attention(shape, rope: rope)
+        self._attention.wrappedValue = Attention(shape, rope: rope, units: units)
         self._mlp.wrappedValue = SwiGLU(
             dimensions: config.hiddenSize, hiddenDimensions: config.intermediateSize)
         self._inputNorm.wrappedValue = RMSNorm(dimensions: config.hiddenSize, eps: config.rmsNormEps)
@@ -120,8 +123,9 @@ final class MobileLLMProBackbone: Module {
         self.window = config.slidingWindow
         self._embedTokens.wrappedValue = Embedding(
             embeddingCount: config.vocabularySize, dimensions: config.hiddenSize)
+        let units = UnitWeights()
         self.layers = config.layerTypes.map {
-            DenseDecoderLayer(config, layerType: $0, rope: rope)
+            DenseDecoderLayer(config, layerType: $0, rope: rope, units: units)
         }
         self.norm = RMSNorm(dimensions: config.hiddenSize, eps: config.rmsNormEps)
         super.init()
@@ -167,8 +171,16 @@ public final class MobileLLMProModel: Module, LLMModel {
         }
     }
 
+    /// Drops an untied head, then stacks quantized q/k/v and gate/up as
+    /// dense.py's fuse() does (and MobileMoEModel.sanitize).
     public func sanitize(weights: [String: MLXArray]) -> [String: MLXArray] {
-        weights.filter { !$0.key.hasPrefix("lm_head.") }
+        var weights = weights.filter { !$0.key.hasPrefix("lm_head.") }
+        for (i, layer) in model.layers.enumerated() {
+            let prefix = "model.layers.\(i)"
+            layer.attention.fuseWeights(&weights, prefix: "\(prefix).self_attn")
+            layer.mlp.fuseWeights(&weights, prefix: "\(prefix).mlp")
+        }
+        return weights
     }
 
     public var loraLayers: [Module] { model.layers }

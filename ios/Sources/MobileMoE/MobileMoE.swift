@@ -39,6 +39,9 @@ public struct MobileMoEConfiguration: Codable, Sendable {
     public var ropeParameters: RoPEParameters?
     public var ropeScaling: RoPEParameters?
     public var tieWordEmbeddings: Bool
+    /// Stack quantized q/k/v and the shared expert's gate/up at load (model.py's
+    /// `fuse_projections`, default true).
+    public var fuseProjections: Bool
     /// Sorted dispatch from this many (token, expert) pairs on: sorting pays
     /// off once many tokens hit each expert (prefill), not at decode.
     public var expertSortThreshold: Int
@@ -62,6 +65,7 @@ public struct MobileMoEConfiguration: Codable, Sendable {
         case ropeScaling = "rope_scaling"
         case tieWordEmbeddings = "tie_word_embeddings"
         case expertSortThreshold = "expert_sort_threshold"
+        case fuseProjections = "fuse_projections"
     }
 
     public init(from decoder: Decoder) throws {
@@ -92,6 +96,7 @@ public struct MobileMoEConfiguration: Codable, Sendable {
         tieWordEmbeddings = try c.decodeIfPresent(Bool.self, forKey: .tieWordEmbeddings) ?? true
         expertSortThreshold =
             try c.decodeIfPresent(Int.self, forKey: .expertSortThreshold) ?? 64
+        fuseProjections = try c.decodeIfPresent(Bool.self, forKey: .fuseProjections) ?? true
         guard tieWordEmbeddings else {
             throw MobileMoEError.unsupported(
                 "tie_word_embeddings false (MobileMoE's embedding is its output head)")
@@ -155,7 +160,7 @@ final class RoutedExperts: Module {
             idx = flat[order]
         }
         let gateUp = gateUpProj(x, idx, sortedIndices: doSort).split(parts: 2, axis: -1)
-        var y = downProj(silu(gateUp[0]) * gateUp[1], idx, sortedIndices: doSort)
+        var y = downProj(swiglu(gateUp[0], gateUp[1]), idx, sortedIndices: doSort)
         if let inverseOrder {
             y = unflatten(y[inverseOrder], axis: 0, shape: indices.shape)
         }
@@ -163,9 +168,34 @@ final class RoutedExperts: Module {
     }
 }
 
+/// The routing math as model.py's compiled `select_experts` and
+/// `combine_experts`: one traced function each, shared by every layer of a
+/// model (same k and scaling), so their elementwise steps fuse and the host
+/// replays a traced graph instead of building it operation by operation.
+struct RoutingKernels {
+    /// [router logits (float32) [.., E], expert bias [E]] -> [experts [.., K], weights [.., K]]
+    let select: @Sendable ([MLXArray]) -> [MLXArray]
+    /// (routed [B, L, K, D], weights [B, L, K], shared [B, L, D]) -> [B, L, D]
+    let combine: @Sendable (MLXArray, MLXArray, MLXArray) -> MLXArray
+
+    init(topK k: Int, scaling: Float) {
+        select = compile { args in
+            let scores = sigmoid(args[0])
+            // The bias only chooses experts; the weights use the unbiased scores.
+            let choice = scores + args[1]
+            let indices = stopGradient(argPartition(-choice, kth: k - 1, axis: -1)[.ellipsis, ..<k])
+            let weights = takeAlong(scores, indices, axis: -1)  // [B, L, K]
+            return [indices, weights / (weights.sum(axis: -1, keepDims: true) + Float(1e-20)) * scaling]
+        }
+        combine = compile { routed, weights, shared in
+            (routed * expandedDimensions(weights, axis: -1).asType(routed.dtype)).sum(axis: -2)
+                + shared
+        }
+    }
+}
+
 final class MoEBlock: Module {
-    let topK: Int
-    let scaling: Float
+    let kernels: RoutingKernels
     /// Called with each forward pass's chosen experts [B, L, K] (parity tests
     /// and the benchmark's routing phase); nil in normal use.
     var expertObserver: ((MLXArray) -> Void)?
@@ -175,9 +205,8 @@ final class MoEBlock: Module {
     let experts: RoutedExperts
     @ModuleInfo(key: "shared_expert") var sharedExpert: SwiGLU
 
-    init(_ config: MobileMoEConfiguration) {
-        self.topK = config.expertsPerToken
-        self.scaling = config.routedScalingFactor
+    init(_ config: MobileMoEConfiguration, kernels: RoutingKernels) {
+        self.kernels = kernels
         self.router = Router(dimensions: config.hiddenSize, experts: config.experts)
         self._expertBias.wrappedValue = MLXArray.zeros([config.experts], dtype: .float32)
         self.experts = RoutedExperts(config)
@@ -187,18 +216,10 @@ final class MoEBlock: Module {
     }
 
     func callAsFunction(_ x: MLXArray) -> MLXArray {
-        let scores = sigmoid(router(x))  // [B, L, E], float32
-        // The bias only chooses experts; the weights use the unbiased scores.
-        let choice = scores + expertBias.asType(.float32)
-        let k = topK
-        let indices = stopGradient(argPartition(-choice, kth: k - 1, axis: -1)[.ellipsis, ..<k])
+        let chosen = kernels.select([router(x), expertBias.asType(.float32)])
+        let (indices, weights) = (chosen[0], chosen[1])
         expertObserver?(indices)
-        var weights = takeAlong(scores, indices, axis: -1)  // [B, L, K]
-        weights = weights / (weights.sum(axis: -1, keepDims: true) + Float(1e-20)) * scaling
-        let routed = experts(x, indices)  // [B, L, K, D]
-        let combined = (routed * expandedDimensions(weights, axis: -1).asType(routed.dtype))
-            .sum(axis: -2)
-        return combined + sharedExpert(x)
+        return kernels.combine(experts(x, indices), weights, sharedExpert(x))
     }
 }
 
@@ -210,12 +231,15 @@ final class MoEDecoderLayer: Module {
     @ModuleInfo(key: "input_layernorm") var inputNorm: RMSNorm
     @ModuleInfo(key: "post_attention_layernorm") var postAttentionNorm: RMSNorm
 
-    init(_ config: MobileMoEConfiguration, rope: InterleavedRoPE) {
+    init(
+        _ config: MobileMoEConfiguration, rope: InterleavedRoPE, units: UnitWeights,
+        kernels: RoutingKernels
+    ) {
         let shape = AttentionShape(
             hiddenSize: config.hiddenSize, heads: config.attentionHeads,
             kvHeads: config.kvHeads, headDim: config.headDim, eps: config.rmsNormEps)
-        self._attention.wrappedValue = Attention(shape, rope: rope)
-        self._feedForward.wrappedValue = MoEBlock(config)
+        self._attention.wrappedValue = Attention(shape, rope: rope, units: units)
+        self._feedForward.wrappedValue = MoEBlock(config, kernels: kernels)
         self._inputNorm.wrappedValue = RMSNorm(dimensions: config.hiddenSize, eps: config.rmsNormEps)
         self._postAttentionNorm.wrappedValue = RMSNorm(
             dimensions: config.hiddenSize, eps: config.rmsNormEps)
@@ -240,7 +264,12 @@ final class MobileMoEBackbone: Module {
             dimensions: config.headDim, theta: config.ropeTheta, scaling: config.ropeScalingBlock)
         self._embedTokens.wrappedValue = Embedding(
             embeddingCount: config.vocabularySize, dimensions: config.hiddenSize)
-        self.layers = (0 ..< config.hiddenLayers).map { _ in MoEDecoderLayer(config, rope: rope) }
+        let units = UnitWeights()
+        let kernels = RoutingKernels(
+            topK: config.expertsPerToken, scaling: config.routedScalingFactor)
+        self.layers = (0 ..< config.hiddenLayers).map { _ in
+            MoEDecoderLayer(config, rope: rope, units: units, kernels: kernels)
+        }
         self.norm = RMSNorm(dimensions: config.hiddenSize, eps: config.rmsNormEps)
         super.init()
     }
@@ -273,10 +302,22 @@ public final class MobileMoEModel: Module, LLMModel, KVCacheDimensionProvider {
         model.embedTokens.asLinear(model(inputs, cache: cache))
     }
 
-    /// Converted directories already use this model's names; only an untied
-    /// head some exporters add is dropped (the embedding is the head).
+    /// Converted directories already use this model's names; an untied head
+    /// some exporters add is dropped (the embedding is the head). Then, unless
+    /// `fuse_projections` is off, quantized q/k/v and shared-expert gate/up
+    /// are stacked and the module tree set up to take them, as model.py's
+    /// sanitize (mlx-swift-lm's loadWeights calls this before it quantizes).
     public func sanitize(weights: [String: MLXArray]) -> [String: MLXArray] {
-        weights.filter { !$0.key.hasPrefix("lm_head.") }
+        var weights = weights.filter { !$0.key.hasPrefix("lm_head.") }
+        if configuration.fuseProjections {
+            for (i, layer) in model.layers.enumerated() {
+                let prefix = "model.layers.\(i)"
+                layer.attention.fuseWeights(&weights, prefix: "\(prefix).self_attn")
+                layer.feedForward.sharedExpert.fuseWeights(
+                    &weights, prefix: "\(prefix).feed_forward.shared_expert")
+            }
+        }
+        return weights
     }
 
     public var loraLayers: [Module] { model.layers }

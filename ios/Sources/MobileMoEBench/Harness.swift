@@ -7,8 +7,11 @@
 //   give the first token (TTFT = all of that);
 // - decode fills a cache to the context first (untimed), keeps a copy of it in
 //   host memory (outside MLX's accounting), and for every repeat generates
-//   `gen_tokens` greedy tokens from a fresh copy, each step evaluated before
-//   the next is built; the graph-building time of each step is kept apart;
+//   `gen_tokens` greedy tokens from a fresh copy in the loop users run
+//   (bench/steps.py, mlx-lm's generate_step): step i+1 is built and queued
+//   with asyncEval before token i is read, so the host builds while the
+//   device computes; the graph-building time of each step is kept apart, and
+//   timed once more with nothing else running (probeStep);
 // - warm-up runs first, then the timed repeats, all of them kept.
 
 import Foundation
@@ -50,24 +53,57 @@ func prefill(_ model: any LanguageModel, tokens: MLXArray, cache: [KVCache], ste
     return y
 }
 
-/// `n` greedy tokens: (seconds, per-step seconds, per-step graph-building seconds).
+/// One greedy decode step as mlx-lm's generate_step builds it (bench/steps.py's
+/// `_step`): the model, the last position's log-probabilities, their argmax.
+/// `y` is [1]; returns (token [1], log-probabilities [1, V]).
+func decodeStep(_ model: any LanguageModel, _ y: MLXArray, cache: [KVCache])
+    -> (token: MLXArray, logprobs: MLXArray)
+{
+    let logits = model(y.reshaped(1, 1), cache: cache)
+    let last = logits[0..., logits.dim(1) - 1, 0...]
+    let logprobs = last - last.logSumExp(axis: -1, keepDims: true)
+    return (argMax(logprobs, axis: -1), logprobs)
+}
+
+/// `n` greedy tokens after `first` in bench/steps.py's pipelined loop: the
+/// graph of step i+1 is built and handed to asyncEval before token i is read.
+/// Returns (seconds for the n tokens, per-step host graph-building seconds).
 func decode(_ model: any LanguageModel, first: MLXArray, cache: [KVCache], count n: Int)
-    -> (total: Double, steps: [Double], builds: [Double])
+    -> (total: Double, builds: [Double])
+{
+    var builds = [Double]()
+    let t0 = now()
+    var next = decodeStep(model, first, cache: cache)
+    builds.append(now() - t0)
+    asyncEval(next.token, next.logprobs)
+    for i in 0 ..< n {
+        let current = next
+        if i + 1 < n {
+            let tb = now()
+            next = decodeStep(model, current.token, cache: cache)
+            builds.append(now() - tb)
+            asyncEval(next.token, next.logprobs)
+        }
+        _ = current.token.item(Int32.self)  // the token, as a user's loop reads it
+    }
+    return (now() - t0, builds)
+}
+
+/// bench/steps.py's probe_step: build `steps` decode steps with nothing else
+/// running, each evaluated before the next is built; their build seconds.
+func probeStep(_ model: any LanguageModel, first: MLXArray, cache: [KVCache], steps: Int = 8)
+    -> [Double]
 {
     var y = first
-    var steps = [Double](), builds = [Double]()
-    let t0 = now()
-    for _ in 0 ..< n {
-        let ts = now()
-        let logits = model(y.reshaped(1, 1), cache: cache)
-        y = argMax(logits[0..., logits.dim(1) - 1, 0...], axis: -1)
-        let tb = now()
-        eval(y)
-        let te = now()
-        builds.append(tb - ts)
-        steps.append(te - ts)
+    var builds = [Double]()
+    for _ in 0 ..< steps {
+        let t = now()
+        let out = decodeStep(model, y, cache: cache)
+        builds.append(now() - t)
+        eval(out.token, out.logprobs)
+        y = out.token
     }
-    return (now() - t0, steps, builds)
+    return builds
 }
 
 /// A filled cache copied to host memory: the copy each decode repeat starts

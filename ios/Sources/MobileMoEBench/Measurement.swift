@@ -71,30 +71,34 @@ struct Measurement {
             let host = HostCache(cache)  // host memory: not part of the decode peak
             cache = []
             progress(Double(c), "\(label): fill cache to \(c)")
-            var tps = [Double](), stepMedians = [Double](), buildMedians = [Double](),
+            let idleBuilds = probeStep(
+                model, first: y, cache: host.restore(into: model.newCache(parameters: nil)))
+            var tps = [Double](), stepMeans = [Double](), buildMedians = [Double](),
                 peaks = [Int]()
             for r in 0 ..< runs {
                 try Task.checkCancellation()
                 let runCache = host.restore(into: model.newCache(parameters: nil))
                 startPhase()
-                let (total, steps, builds) = decode(
+                let (total, builds) = decode(
                     model, first: y, cache: runCache, count: settings.genTokens)
                 if r >= settings.warmup {
                     tps.append(Double(settings.genTokens) / total)
-                    stepMedians.append(Stats(steps).median)
+                    // Steps overlap in the pipelined loop: the mean step, as harness.py.
+                    stepMeans.append(total / Double(settings.genTokens))
                     buildMedians.append(Stats(builds).median)
                     peaks.append(Memory.peakMemory)
                 }
                 progress(
                     Double(settings.genTokens * 8), "\(label): decode at \(c) (\(r + 1)/\(runs))")
             }
-            let stepMedian = Stats(stepMedians).median
+            let stepMedian = Stats(stepMeans).median
             record.decode.append(
                 DecodeEntry(
                     context: c, contextFilled: filled, genTokens: settings.genTokens,
-                    tokensPerS: Stats(tps), stepS: Stats(stepMedians),
+                    tokensPerS: Stats(tps), stepS: Stats(stepMeans),
                     graphBuildS: Stats(buildMedians),
                     graphBuildFraction: stepMedian > 0 ? Stats(buildMedians).median / stepMedian : 0,
+                    graphBuildIdleS: Stats(idleBuilds),
                     peakMemoryBytes: peaks.max() ?? 0, fillS: fillS, fillPeakMemoryBytes: fillPeak,
                     kvCacheBytes: kv, kvCacheBytesAnalytic: plan.analyticKVBytes(filled),
                     rssBytes: ProcessMemory.residentBytes(),

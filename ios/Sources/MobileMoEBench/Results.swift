@@ -54,6 +54,8 @@ public struct DecodeEntry: Codable, Sendable {
     public var stepS: Stats
     public var graphBuildS: Stats
     public var graphBuildFraction: Double
+    /// Build seconds of steps built with nothing else running (harness.py's probe).
+    public var graphBuildIdleS: Stats?
     public var peakMemoryBytes: Int
     public var fillS: Double
     public var fillPeakMemoryBytes: Int
@@ -70,6 +72,7 @@ public struct DecodeEntry: Codable, Sendable {
         case stepS = "step_s"
         case graphBuildS = "graph_build_s"
         case graphBuildFraction = "graph_build_fraction"
+        case graphBuildIdleS = "graph_build_idle_s"
         case peakMemoryBytes = "peak_memory_bytes"
         case fillS = "fill_s"
         case fillPeakMemoryBytes = "fill_peak_memory_bytes"
@@ -222,8 +225,27 @@ public struct BenchResults: Codable, Sendable {
 
     /// Written whole under a temporary name, then renamed over `url`.
     public func write(to url: URL) throws {
+        try encodedJSON().write(to: url, options: .atomic)
+    }
+
+    /// The JSON text, non-finite numbers written as Python's json.dumps writes
+    /// them (bench/run.py): the bare tokens NaN, Infinity and -Infinity, which
+    /// Python's json.loads reads back (e.g. a routing entropy over one expert is
+    /// 0/0). JSONEncoder cannot write bare tokens and by default refuses
+    /// non-finite numbers, which would lose the whole file; so they are encoded
+    /// as marker strings and the quoted markers replaced by the tokens.
+    public func encodedJSON() throws -> Data {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try encoder.encode(self).write(to: url, options: .atomic)
+        let tokens = ["NaN", "Infinity", "-Infinity"]
+        let marker = { (token: String) in "mobilemoe-bench-nonfinite:\(token)" }
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(
+            positiveInfinity: marker("Infinity"), negativeInfinity: marker("-Infinity"),
+            nan: marker("NaN"))
+        var text = String(decoding: try encoder.encode(self), as: UTF8.self)
+        for token in tokens {
+            text = text.replacingOccurrences(of: "\"\(marker(token))\"", with: token)
+        }
+        return Data(text.utf8)
     }
 }
