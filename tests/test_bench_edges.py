@@ -17,18 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from click.testing import CliRunner
+from tmpfs import mounted_tmpfs
 
 from bench import schema
 from bench.cli import main as bench_cli
 from bench.harness import Settings
 from bench.models import MODEL_NAMES, model_config
 from bench.run import run_benchmark
+from mobilemoe_mlx.runtime import current as current_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-METAL = bool(getattr(mx, "metal", None) and mx.metal.is_available())
+ON_GPU = current_runtime().on_gpu  # the paper's settings take minutes on a GPU
 # Settings that take hours on MLX's CPU backend (the paper's, see bench/options.py).
 HOURS = dict(dtype="float32", bandwidth_gbps=100.0)
 
@@ -53,14 +54,8 @@ def _tree(path: Path) -> list:
 @pytest.fixture
 def read_only_fs(tmp_path):
     """A read-only file system (a tmpfs mounted ro), where this machine lets us mount one."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if sys.platform != "linux" or os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(mount)],
-            capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "ro", "ro") as mount:
+        yield mount
 
 
 @pytest.mark.parametrize("where", ["itself", "below"])
@@ -147,8 +142,8 @@ def test_run_out_without_write_permission_as_nobody():
 # -- the question before a run of hours ------------------------------------------
 
 def test_a_run_of_hours_is_asked_about_and_no_writes_nothing(tmp_path):
-    if METAL:
-        pytest.skip("the paper's settings take minutes on Metal: nothing to ask")
+    if ON_GPU:
+        pytest.skip("the paper's settings take minutes on a GPU: nothing to ask")
     from bench.run import NotStarted
 
     asked, seen = [], []
@@ -334,8 +329,8 @@ def test_ctrl_c_inside_a_long_prefill_stops_at_once(tmp_path):
 def test_without_a_terminal_a_run_of_hours_starts_and_ctrl_c_stops_it(tmp_path):
     """A script is not asked: it gets the estimate and the run starts (Ctrl-C while
     MobileMoE-S's synthetic weights are built, seconds of MLX work per layer)."""
-    if METAL:
-        pytest.skip("the paper's settings take minutes on Metal")
+    if ON_GPU:
+        pytest.skip("the paper's settings take minutes on a GPU")
     out = tmp_path / "out"
     p = _bench_process("--out", out, "--bandwidth", "100", "--dtype", "float32")
     try:
@@ -356,8 +351,8 @@ def test_without_a_terminal_a_run_of_hours_starts_and_ctrl_c_stops_it(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("answer", ["", "n"])
 def test_at_a_terminal_a_run_of_hours_is_asked_about_first(tmp_path, answer):
-    if METAL:
-        pytest.skip("the paper's settings take minutes on Metal")
+    if ON_GPU:
+        pytest.skip("the paper's settings take minutes on a GPU")
     pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
     child = pexpect.spawn(sys.executable, ["-m", "bench", "run", "--out", str(out),

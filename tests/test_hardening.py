@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from test_convert_cli import REPO, assert_clean_failure, run_convert
+from tmpfs import mounted_tmpfs
 
 from mobilemoe_mlx import convert, load, packing
 from mobilemoe_mlx.errors import UserError
@@ -378,14 +379,8 @@ def test_disk_errors_while_writing_are_one_line(qat, tmp_path, monkeypatch, code
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 64 KB file system, where this machine lets us mount one (root on Linux)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if sys.platform != "linux" or os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-            capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as mount:
+        yield mount
 
 
 def test_a_really_full_disk_is_one_line(qat, tiny_tmpfs):
