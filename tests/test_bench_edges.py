@@ -296,6 +296,15 @@ def _wait_for(process, prefix: str, timeout: float = 300) -> list:
     raise AssertionError(f"the run ended before {prefix!r}: {lines}")
 
 
+def _interrupt(process, after: float):
+    """Ctrl-C `after` seconds from now: (the rest of stderr, seconds it took to exit)."""
+    time.sleep(after)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=60)[1]
+    return rest, time.monotonic() - sent
+
+
 @pytest.mark.e2e
 def test_ctrl_c_inside_a_long_prefill_stops_at_once(tmp_path):
     """One prefill chunk of 8191 tokens (one mx.eval, ~30 s on a 2-core CPU): before,
@@ -308,11 +317,7 @@ def test_ctrl_c_inside_a_long_prefill_stops_at_once(tmp_path):
                        "--no-plots", "--out", out)
     try:
         _wait_for(p, "MobileMoE-tiny:")
-        time.sleep(1.0)  # inside the chunk's mx.eval by now
-        sent = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        rest = p.communicate(timeout=60)[1]
-        stopped = time.monotonic() - sent
+        rest, stopped = _interrupt(p, after=1.0)  # inside the chunk's mx.eval by then
     finally:
         p.kill()
     assert p.returncode == 130, rest
@@ -335,11 +340,7 @@ def test_without_a_terminal_a_run_of_hours_starts_and_ctrl_c_stops_it(tmp_path):
     p = _bench_process("--out", out, "--bandwidth", "100", "--dtype", "float32")
     try:
         lines = _wait_for(p, "warning: these settings will take hours")
-        time.sleep(2.0)
-        sent = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        rest = p.communicate(timeout=60)[1]
-        stopped = time.monotonic() - sent
+        rest, stopped = _interrupt(p, after=2.0)
     finally:
         p.kill()
     assert any(line.startswith("estimated time: about") for line in lines)
