@@ -31,6 +31,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mobilemoe_mlx.config import PRESETS
 from mobilemoe_mlx.convert import DTYPES
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.loading import as_float32, load_converted
 from mobilemoe_mlx.routing import ExpertRecorder
 from mobilemoe_mlx.runtime import current as current_runtime
 
@@ -155,12 +156,12 @@ def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int,
     one KV cache, recording every layer's input, output and expert choices.
     With `forced` (another run's per-layer inputs), each layer is given those:
     its output then carries its own error alone, not its predecessors'."""
-    recorder = ExpertRecorder(model)
     inner = model.model.layers
     taps = [_LayerTap(layer, None if forced is None else forced[i])
             for i, layer in enumerate(inner)]
-    model.model.layers = taps
+    recorder = ExpertRecorder(model)
     try:
+        model.model.layers = taps
         cache = make_prompt_cache(model)
         prefill = len(tokens) - decode
         pieces = [tokens[i:min(i + chunk, prefill)] for i in range(0, prefill, chunk)]
@@ -184,10 +185,12 @@ def trace(model: nn.Module, tokens: np.ndarray, chunk: int, decode: int,
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of each row of `a` with the same row of `b` (float64)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    both_zero = den == 0
-    return np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    den = np.where(na * nb == 0, 1.0, na * nb)
+    # Two zero rows agree; a zero row against a non-zero one (a kernel that wrote
+    # nothing) does not.
+    return np.where((na == 0) & (nb == 0), 1.0,
+                    np.where(na * nb == 0, 0.0, (a * b).sum(-1) / den))
 
 
 def _experts_same(a: np.ndarray, b: np.ndarray) -> float:
@@ -207,7 +210,7 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
     that layer, so a fault shows in its layer alone and half precision's
     rounding does not compound over the depth. The logits come from a free run
     (each layer given the one before), as a user gets them."""
-    reference.update(tree_map(_float32, reference.parameters()))
+    reference.update(tree_map(as_float32, reference.parameters()))
     with mx.stream(mx.cpu):
         ref = trace(reference, tokens, chunk, decode)
     own = trace(model, tokens, chunk, decode, forced=ref.inputs)
@@ -224,10 +227,6 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
         layers=layers, logits_cosine_min=float(c.min()), logits_cosine_mean=float(c.mean()),
         argmax_agree=float((logits.argmax(-1) == ref.logits.argmax(-1)).mean()),
         thresholds=THRESHOLDS[dtype])
-
-
-def _float32(a: mx.array) -> mx.array:
-    return a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a
 
 
 def cast(model: nn.Module, dtype: str) -> None:
@@ -258,13 +257,12 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
                                             fuse=True).model for _ in range(2))
         dtype = dtype or current_runtime().compute_dtype
     else:
-        from mobilemoe_mlx.loading import load_converted
-
         if layers is not None:
             raise UserError("--layers applies to a preset, not to a converted directory")
         path = check_checkpoint(name, "--model")
         model, _ = load_converted(path, float32_on_cpu=True)
-        reference, _ = load_converted(path)
+        # float32 wherever it loads: compare() runs it on the CPU in float32 anyway.
+        reference, _ = load_converted(path, float32_on_cpu=True)
     if dtype is not None:
         cast(model, dtype)
     mx.eval(model.parameters(), reference.parameters())

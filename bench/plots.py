@@ -82,7 +82,9 @@ def make_plots(results: dict, out_dir) -> Optional[List[str]]:
         if fig is None:
             continue
         path = Path(out_dir) / f"{spec[0]}.png"
-        write_atomic(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
+        try:
+            write_atomic(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
         files.append(str(path))
     return files

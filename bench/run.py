@@ -134,9 +134,9 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
             results["interrupted"] = True
             raise
         finally:
-            if stop is not None and not stop.claim():
-                stop.wait_for_exit()
-            with sigint_ignored():
+            with sigint_ignored():  # before the claim: a second Ctrl-C must not skip finish()
+                if stop is not None and not stop.claim():
+                    stop.wait_for_exit()
                 finish()
     return results
 

@@ -123,7 +123,7 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
     if current_runtime().half_precision_fast:
         return model, config
     if float32_on_cpu:
-        model.apply(_as_float32)
+        model.apply(as_float32)
         if not lazy:
             mx.eval(model.parameters())
     else:
@@ -144,7 +144,7 @@ def _check_runs_here(model: nn.Module, path: Path) -> None:
         )
 
 
-def _as_float32(a: mx.array) -> mx.array:
+def as_float32(a: mx.array) -> mx.array:
     if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
         return a.astype(mx.float32)
     return a

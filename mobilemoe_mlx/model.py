@@ -40,10 +40,13 @@ from mlx_lm.models.base import (
 from mlx_lm.models.rope_utils import initialize_rope
 
 # MLX's GPU backends run float32 matmuls as TF32 (a 10-bit mantissa) unless
-# MLX_ENABLE_TF32=0, which MLX reads once, at the first float32 matmul. The
-# router is float32 because its top-k choices are discrete (rounding flips
-# which experts run), so this model asks for real float32 before any of its
-# matmuls run; a user's own setting wins. Float16 matmuls are unaffected.
+# MLX_ENABLE_TF32=0. The router is float32 because its top-k choices are
+# discrete (rounding flips which experts run), so this model asks for real
+# float32; a user's own setting wins. MLX reads the variable once, at the
+# process's first matmul (of any dtype), so this line counts only where it runs
+# first: for mlx-lm's tools, which import this file before running anything.
+# (mobilemoe_mlx's own entry points ask earlier: runtime.exact_float32_matmuls.)
+# In MLX's source the switch changes float32 inputs only.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 
@@ -99,6 +102,7 @@ def split_at(a: mx.array, index: int, axis: int) -> Tuple[mx.array, mx.array]:
 
 def halves(a: mx.array) -> Tuple[mx.array, mx.array]:
     """The first and second half of the last axis (gate and up)."""
+    assert a.shape[-1] % 2 == 0, "gate and up are stored as two halves of one width"
     return split_at(a, a.shape[-1] // 2, -1)
 
 

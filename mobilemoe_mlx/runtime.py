@@ -15,6 +15,7 @@ wheel runs on the GPU, and a Mac with `mx.set_default_device(mx.cpu)` runs on
 the CPU. So the backend is the default device's, not the platform's.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +47,14 @@ class Runtime:
         if self.backend == CUDA:
             return "CUDA timings here are not Apple figures; memory, bytes and FLOPs are"
         return "CPU timings here are not Apple figures; memory, bytes and FLOPs are"
+
+
+def exact_float32_matmuls() -> None:
+    """Ask MLX's GPU backends for real float32 matmuls (MLX_ENABLE_TF32=0), not
+    TF32, unless the user chose; model.py explains why the router needs it.
+    MLX reads the variable at the process's first matmul, so this is called when
+    the package is imported, before anything of ours can run one."""
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 
 def current() -> Runtime:

@@ -310,6 +310,8 @@ def test_ctrl_c_inside_a_long_prefill_stops_at_once(tmp_path):
     """One prefill chunk of 8191 tokens (one mx.eval, ~30 s on a 2-core CPU): before,
     Ctrl-C waited for it to end. The bound is generous (a loaded machine, the report
     written after the signal); a run that waited for the chunk would exceed it."""
+    if ON_GPU:
+        pytest.skip("a GPU finishes the 8k-token prefill before the Ctrl-C")
     out = tmp_path / "out"
     p = _bench_process("--models", "tiny", "--prompt-lengths", "8192", "--prefill-step", "8192",
                        "--decode-contexts", "16", "--gen-tokens", "1", "--repeats", "1",

@@ -103,6 +103,16 @@ def test_forced_inputs_replace_the_previous_layers_output(pair):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_zero_output_is_not_a_match():
+    # A kernel that writes nothing must not score cosine 1 against a real output.
+    from bench.parity import _cosines
+
+    ones, zeros = np.ones((2, 4)), np.zeros((2, 4))
+    assert list(_cosines(zeros, ones)) == [0.0, 0.0]
+    assert list(_cosines(ones, zeros)) == [0.0, 0.0]
+    assert list(_cosines(zeros, zeros)) == [1.0, 1.0]
+
+
 def test_split_at_gives_the_views_mx_split_gives():
     a = mx.arange(2 * 20 * 3 * 8).reshape(2, 3, 20, 8).transpose(0, 2, 1, 3)
     for axis, index in ((1, 16), (-1, 4), (2, 1)):
@@ -150,3 +160,14 @@ def test_cli_layers_keeps_that_many_of_a_presets_layers():
 def test_cli_refuses_bad_settings_in_one_line(args, says):
     r = _bench("parity", *args)
     assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
+
+
+def test_cli_exits_3_when_parity_fails(monkeypatch):
+    # Thresholds no run can meet stand in for a backend that disagrees: the answer
+    # is exit code 3, apart from 1 (an internal error) and 2 (bad input).
+    from bench import parity
+
+    strict = dict(parity.THRESHOLDS["float32"], cosine_min=1.5, cosine_mean=1.5)
+    monkeypatch.setitem(parity.THRESHOLDS, "float32", strict)
+    r = _bench("parity", "--model", "tiny", "--tokens", "8", "--decode", "2")
+    assert r.exit_code == 3 and "parity: FAILED: layer 0 is the first to diverge" in r.output

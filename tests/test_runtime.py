@@ -6,6 +6,11 @@ MLX's own probes (mx.metal / mx.cuda .is_available and the default device) are
 replaced to play a CUDA or Metal machine on this CPU; nothing of ours is mocked.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
@@ -14,6 +19,8 @@ from bench.harness import machine_info
 from mobilemoe_mlx import loading
 from mobilemoe_mlx.runtime import CPU, CUDA, METAL, current
 from mobilemoe_mlx.synthetic import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def play(monkeypatch, backend):
@@ -44,10 +51,16 @@ def test_cpu_device_on_a_gpu_machine_is_cpu(monkeypatch):
     assert current().backend == CPU and current().compute_dtype == "float32"
 
 
-def test_this_machine():
-    rt = current()
-    assert rt.backend in (METAL, CUDA, CPU)
-    assert rt.device == str(mx.default_device())
+@pytest.mark.parametrize("before,after", [(None, "0"), ("1", "1")])
+def test_importing_the_package_asks_for_real_float32_unless_the_user_chose(before, after):
+    # In a fresh process: MLX reads the variable once, at its first matmul.
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_TF32"}
+    if before is not None:
+        env["MLX_ENABLE_TF32"] = before
+    r = subprocess.run([sys.executable, "-c", "import os, mobilemoe_mlx; "
+                        "print(os.environ['MLX_ENABLE_TF32'])"], env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.stdout.strip() == after, r.stderr
 
 
 @pytest.fixture(scope="module")
