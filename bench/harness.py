@@ -37,7 +37,7 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.routing import ExpertRecorder
 from mobilemoe_mlx.runtime import current as current_runtime
 
-from .options import Settings  # noqa: F401 - where the harness's callers found it
+from .options import Settings
 from .schema import (
     DECODE_BOUND,
     DECODE_ENTRY,

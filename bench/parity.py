@@ -19,7 +19,7 @@ Shape legend: T = prompt tokens, D = hidden, K = experts per token, V = vocabula
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -79,7 +79,10 @@ class Parity:
     logits_cosine_min: float
     logits_cosine_mean: float
     argmax_agree: float
-    thresholds: dict = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> dict:
+        return THRESHOLDS[self.dtype]
 
     def _cosine_ok(self, worst: float, mean: float) -> bool:
         # `>=`, never `<`: a NaN (what a broken kernel often returns) must fail.
@@ -112,7 +115,8 @@ class Parity:
         """JSON-ready: a non-finite figure is null, as in the benchmark's results.json."""
         d = tree_map(lambda v: v if not isinstance(v, float) or math.isfinite(v) else None,
                      asdict(self))
-        return {**d, "first_bad_layer": self.first_bad_layer(), "ok": not self.failures()}
+        return {**d, "thresholds": self.thresholds, "first_bad_layer": self.first_bad_layer(),
+                "ok": not self.failures()}
 
 
 class _LayerTap(nn.Module):
@@ -225,8 +229,7 @@ def compare(model: nn.Module, reference: nn.Module, tokens: np.ndarray, chunk: i
     return Parity(
         backend=backend or current_runtime().backend, dtype=dtype, tokens=len(tokens),
         layers=layers, logits_cosine_min=float(c.min()), logits_cosine_mean=float(c.mean()),
-        argmax_agree=float((logits.argmax(-1) == ref.logits.argmax(-1)).mean()),
-        thresholds=THRESHOLDS[dtype])
+        argmax_agree=float((logits.argmax(-1) == ref.logits.argmax(-1)).mean()))
 
 
 def cast(model: nn.Module, dtype: str) -> None:
@@ -290,13 +293,13 @@ def describe(t: dict) -> str:
 
 
 def format_parity(name: str, p: Parity) -> str:
-    t = p.thresholds
+    t, bad = p.thresholds, p.first_bad_layer()
     lines = [f"parity of {name}: {p.backend} in {p.dtype} against the CPU in float32, "
              f"{p.tokens} random tokens",
              "", "each layer given the CPU's input to it:",
              f"{'layer':>5}  {'cosine min':>10}  {'mean':>10}  {'experts alike':>13}"]
     for x in p.layers:
-        flag = "  <- first to diverge" if x.layer == p.first_bad_layer() else ""
+        flag = "  <- first to diverge" if x.layer == bad else ""
         lines.append(f"{x.layer:>5}  {x.cosine_min:>10.6f}  {x.cosine_mean:>10.6f}  "
                      f"{x.experts_same:>12.1%}{flag}")
     judged = (f"; argmax >= {t['argmax']:.0%}" if t["logits"]

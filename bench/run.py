@@ -16,7 +16,7 @@ from mobilemoe_mlx.runtime import current as current_runtime
 
 from .estimate import HOURS_WARNING, announce, duration
 from .files import prepare_out_dir, remove_created, write_text_atomic
-from .harness import Progress, Settings, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
+from .harness import Progress, copy_bandwidth, machine_info, measure_model, peak_rss_bytes
 from .interrupt import HardStop
 from .models import (
     build,
@@ -27,6 +27,7 @@ from .models import (
     is_checkpoint_name,
     model_config,
 )
+from .options import Settings
 from .report import write_report
 from .schema import SCHEMA, SCHEMA_VERSION
 from .tokens import prompt_tokens

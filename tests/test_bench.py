@@ -24,8 +24,8 @@ from mlx.utils import tree_flatten
 from bench import harness, schema
 from bench.cli import main as bench_cli
 from bench.estimate import run_seconds
-from bench.harness import Settings
 from bench.models import build_synthetic, load_checkpoint, model_class, model_config, weight_bytes
+from bench.options import Settings
 from bench.report import build_comparison, build_report, load_results, write_report
 from bench.run import run_benchmark, sigint_ignored
 from bench.tokens import prompt_tokens

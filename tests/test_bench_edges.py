@@ -23,8 +23,8 @@ from tmpfs import mounted_tmpfs
 
 from bench import schema
 from bench.cli import main as bench_cli
-from bench.harness import Settings
 from bench.models import MODEL_NAMES, model_config
+from bench.options import Settings
 from bench.run import run_benchmark
 from mobilemoe_mlx.runtime import current as current_runtime
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from bench.harness import Settings
+from bench.options import Settings
 from bench.parity import compare, models_for, random_tokens
 from bench.run import run_benchmark
 from mobilemoe_mlx.runtime import current
