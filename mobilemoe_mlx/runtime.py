@@ -57,6 +57,14 @@ def exact_float32_matmuls() -> None:
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 
+def gpu_available() -> bool:
+    """Whether this MLX has a GPU backend with a device (Metal or CUDA),
+    whichever device is the default now."""
+    import mlx.core as mx
+
+    return mx.metal.is_available() or mx.cuda.is_available()
+
+
 def current() -> Runtime:
     """The backend of MLX's default device now, and what it wants."""
     import mlx.core as mx

@@ -6,7 +6,8 @@ reuse them instead of writing or converting a model again. `tests/checkpoints.py
 (which needs torch to write the released layouts) is imported on first use, so
 tests that need none of its checkpoints run without paying for torch's import.
 
-MLX runs on the CPU in float32 here (its CPU backend is slow; tiny shapes only).
+MLX runs on the CPU in float32 here (its CPU backend is slow; tiny shapes only),
+except in the GPU tier (`-m gpu`), whose tests run on MLX's GPU where it has one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,25 @@ import pytest
 if TYPE_CHECKING:  # pytest puts this directory on sys.path (tests/ is not a package)
     import checkpoints as ck
 
+# The default and end-to-end tiers pin the CPU (for collection too); the GPU
+# tier's tests get the GPU back for their run (`_gpu_tier_on_the_gpu`).
 mx.set_default_device(mx.cpu)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tier_on_the_gpu(request):
+    """A test marked `gpu` runs on MLX's GPU where there is one (on a machine
+    without one it is skipped by its own marker's condition)."""
+    from mobilemoe_mlx.runtime import gpu_available
+
+    if request.node.get_closest_marker("gpu") is None or not gpu_available():
+        yield
+        return
+    mx.set_default_device(mx.gpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(mx.cpu)
 
 
 def _checkpoints():
