@@ -235,6 +235,39 @@ def parity(model, tokens, chunk, decode, dtype, layers, seed, as_json, verbose):
     run_cli(go, verbose)
 
 
+@main.command(context_settings=HELP)
+@click.option("--model", default="S", show_default=True,
+              help=f"{names_help()} or a converted directory.")
+@click.option("--context", type=int, default=256, show_default=True,
+              help="Tokens in the KV cache before the decode step and the prefill chunk.")
+@click.option("--chunk", type=int, default=PREFILL_CHUNK, show_default=True,
+              help="Tokens of the prefill chunk (bench run's --prefill-step; 0: decode only).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
+              help="Activation dtype. [default: a preset in this backend's dtype; a directory "
+                   "as load() runs it here]")
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="Timed runs of each step (after one warm-up); the median is shown.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the tokens and of a preset's weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
+def profile(model, context, chunk, dtype, repeats, seed, as_json, verbose):
+    """Where one decode step and one prefill chunk spend their time on this
+    backend, by kind of op (attention, norms and RoPE, router, experts, head),
+    and how many graph nodes and kernels they have. docs/profile.md explains it."""
+    def go():
+        import json
+
+        from .profile import build_model, check_settings, format_profile, run_profile
+
+        check(seed >= 0, f"--seed must be 0 or more, not {seed}")
+        check_settings(model, context, chunk, repeats)
+        p = run_profile(build_model(model, dtype, seed), context, chunk, repeats, seed)
+        click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_profile(p))
+
+    run_cli(go, verbose)
+
+
 # The export commands of the Swift benchmark and parity test (ios/), in bench/export.py.
 from .export import register as _register_exports  # noqa: E402
 
