@@ -316,6 +316,18 @@ def read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a tokenizer's or generation
+    config); UserError naming the file for anything else."""
+    try:
+        data = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({str(e)[:200]})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
+
+
 def non_finite_key(value, where: str = "") -> str:
     """The dotted key of the first NaN or infinite number in parsed JSON, else ''."""
     if isinstance(value, float) and not math.isfinite(value):

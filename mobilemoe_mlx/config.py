@@ -7,6 +7,7 @@ weights for tests and benchmarks); a real config.json always wins.
 import copy
 import json
 import math
+import re
 from typing import Any, Callable, Dict, NamedTuple
 
 from . import analytic
@@ -158,14 +159,19 @@ _MLX_QUANTIZATION = {
 }
 
 
-def _shown(value) -> str:
+# The fields that hold token ids, in config.json, generation_config.json or a
+# tokenizer's config: bos_token_id, eos_token_id, pad_token_id, decoder_start_token_id, ...
+TOKEN_ID_FIELD = re.compile(r"_token_ids?$")
+
+
+def shown(value) -> str:
     """A value as config.json spells it (strings quoted, true, null), cut short."""
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bad(key: str, must: str, value) -> UserError:
-    return UserError(f"config.json: {key} must be {must}, got {_shown(value)}")
+    return UserError(f"config.json: {key} must be {must}, got {shown(value)}")
 
 
 def _check_fields(block: Dict[str, Any], fields, prefix: str = "") -> None:
@@ -210,7 +216,7 @@ def _check_layers(config: Dict[str, Any]) -> None:
     for key in ("layer_types", "no_rope_layers"):
         if key in config and (not isinstance(config[key], list) or len(config[key]) != layers):
             got = (f"a list of {len(config[key])}" if isinstance(config[key], list)
-                   else _shown(config[key]))
+                   else shown(config[key]))
             raise UserError(f"config.json: {key} must list each of its {layers} layers, got {got}")
     if any(t != "full_attention" for t in config.get("layer_types", [])):
         raise UserError("config.json has layers other than full_attention; not supported")
@@ -221,13 +227,22 @@ def _check_layers(config: Dict[str, Any]) -> None:
             raise UserError(f"config.json sets {key}; every MobileMoE layer is MoE, dense layers are not supported")
 
 
+def token_ids_ok(value: Any, vocab_size: int) -> bool:
+    """Whether `value` is what a *_token_id field may hold: null, a token id
+    (an integer, not true or "2", in [0, vocab_size)) or a list of them."""
+    ids = value if isinstance(value, list) else [value]
+    return value is None or all(_is_int(i) and 0 <= i < vocab_size for i in ids)
+
+
 def _check_token_ids(config: Dict[str, Any]) -> None:
-    """eos_token_id: one id or a list of them, each a token of the vocabulary
-    (the tokenizer stops on them); null means none."""
-    eos, vocab = config.get("eos_token_id"), config["vocab_size"]
-    ids = eos if isinstance(eos, list) else [eos]
-    if eos is not None and not all(_is_int(i) and 0 <= i < vocab for i in ids):
-        raise _bad("eos_token_id", f"a token id below vocab_size ({vocab}) or a list of them", eos)
+    """Every *_token_id (eos_token_id, bos_token_id, pad_token_id, ...): one id
+    or a list of them, each a token of the vocabulary (the embedding has a row
+    for it; eos ids are what generation stops on); null means none."""
+    vocab = config["vocab_size"]
+    for key in sorted(k for k in config if TOKEN_ID_FIELD.search(k)):
+        if not token_ids_ok(config[key], vocab):
+            raise _bad(key, f"a token id below vocab_size ({vocab}) or a list of them",
+                       config[key])
 
 
 def check_qat_block(block: Any) -> int:
@@ -271,8 +286,8 @@ def validate_config(config: Any) -> None:
     for key, expected in _FIXED.items():
         value = config.get(key, expected)
         if type(value) is not type(expected) or value != expected:
-            raise UserError(f"config.json: {key} must be {_shown(expected)} (MobileMoE as "
-                            f"specified; nothing else is implemented), got {_shown(value)}")
+            raise UserError(f"config.json: {key} must be {shown(expected)} (MobileMoE as "
+                            f"specified; nothing else is implemented), got {shown(value)}")
     if config["head_dim"] % 2:
         raise _bad("head_dim", "even (RoPE turns pairs of dimensions)", config["head_dim"])
     _check_rope(config)

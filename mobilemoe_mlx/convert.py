@@ -30,6 +30,7 @@ from .config import (
     rope_block,
     validate_config,
 )
+from .consistency import check_checkpoint_files
 from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
@@ -244,6 +245,10 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     _check_source(source, src_path, out_path, require_tokenizer, dest)
     config, tensors = open_checkpoint(src_path)
     validate_config(config)
+    tokenizer_dir = src_path if src_path.is_dir() else src_path.parent
+    # The tokenizer files must agree with the config: an id past vocab_size is
+    # a read past the embedding table (issue 19). Refused here, before writing.
+    check_checkpoint_files(tokenizer_dir, config)
     check_config_fits(config, tensors.stored_bytes(), str(src_path))
     layout = detect_layout(tensors)
     qat_group = check_qat_block(config.get("quantization", {})) if layout == QAT else 32
@@ -259,7 +264,7 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     return Conversion(
         source, commit, out_path, config, tensors, layout, weights, qat_group,
         {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None,
-        dtype, src_path if src_path.is_dir() else src_path.parent)
+        dtype, tokenizer_dir)
 
 
 def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,

@@ -19,6 +19,7 @@ from .checkpoint import (
     tensor_bytes,
 )
 from .config import check_config_fits, validate_config
+from .consistency import check_checkpoint_files, check_embedding_rows
 from .convert import (  # noqa: F401 - is_converted is public here too
     check_conversion,
     is_converted,
@@ -60,9 +61,10 @@ def load_tokenizer(path: Path, eos_token_ids=None):
     return load_mlx_tokenizer(path, {"config": PretrainedConfig()}, eos_token_ids=eos_token_ids)
 
 
-def check_converted_weights(path: Path) -> int:
+def check_converted_weights(path: Path, vocab_size: Optional[int] = None) -> int:
     """The tensor bytes of a converted directory, after checking every weights
-    file's header against its size; DamagedConversion if one is damaged."""
+    file's header against its size (DamagedConversion if one is damaged) and,
+    given `vocab_size`, the embedding's rows against it."""
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise DamagedConversion(f"{path} holds no model*.safetensors; convert the checkpoint "
@@ -76,17 +78,23 @@ def check_converted_weights(path: Path) -> int:
             raise DamagedConversion(
                 f"the converted model in {path} is damaged ({what}); convert the checkpoint "
                 "again with --force to replace it") from e
+        if vocab_size is not None:
+            check_embedding_rows(infos, vocab_size, f.name)
         total += tensor_bytes(infos.values())
     return total
 
 
 def check_converted(path: Path) -> dict:
     """The config.json of a converted directory, read and checked once, after
-    every weights file's header is checked against its size and the config
-    against the bytes the weights hold (DamagedConversion if a file is damaged)."""
+    every weights file's header is checked against its size, the config
+    against the bytes the weights hold (DamagedConversion if a file is
+    damaged) and against the embedding's rows, and the tokenizer files against
+    the config (consistency.py: no id the tokenizer or a config names may lie
+    past the embedding)."""
     config = read_config(path / "config.json")
     validate_config(config)
-    check_config_fits(config, check_converted_weights(path), str(path))
+    check_config_fits(config, check_converted_weights(path, config["vocab_size"]), str(path))
+    check_checkpoint_files(path, config)
     return config
 
 

@@ -190,10 +190,27 @@ def _qat_name(name: str, kind: str) -> Tuple[str, str]:
     return f"{base}.qweight", f"{base}.weight_scale"
 
 
+# The special tokens as a release's special_tokens_map.json spells them (AddedToken objects).
+SPECIAL_TOKENS_MAP = {
+    name: {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+           "single_word": False}
+    for name, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|eot_id|>"))}
+
+
+def write_tokenizer_files(out: Path, config: dict) -> None:
+    """Every tokenizer file a release carries: tokenizer.json and
+    tokenizer_config.json (with the chat template), special_tokens_map.json and
+    generation_config.json, agreeing with `config` as a release's do."""
+    write_tokenizer(out, config["vocab_size"])
+    (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2))
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
 def _write_common(out: Path, config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(out, config["vocab_size"])
+    write_tokenizer_files(out, config)
 
 
 def write_qat(out: Path, seed: int = 1) -> Checkpoint:
