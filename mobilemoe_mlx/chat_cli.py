@@ -8,10 +8,12 @@
 """
 
 import math
+import sys
+from typing import TextIO
 
 import click
 
-from .chat_options import MIN_KV_SIZE, SEED_MAX
+from .chat_options import MIN_KV_SIZE, SEED_MAX, ChatOptions
 from .errors import OneLineCommand, run_cli
 
 
@@ -69,7 +71,6 @@ def main(verbose, model, variant, revision, seed, draft, prompt, system, raw, nu
     Inside the chat: /help, /reset, /system TEXT, /stats, /quit. Ctrl-C stops an
     answer, Ctrl-D leaves. Answers go to stdout, everything else to stderr."""
     def run():
-        from .chat_commands import ChatOptions, chat
         from .chat_options import Sampling, SessionOptions
 
         session = SessionOptions(
@@ -80,3 +81,34 @@ def main(verbose, model, variant, revision, seed, draft, prompt, system, raw, nu
                          seed=seed, draft=draft, prompt=prompt))
 
     run_cli(run, verbose)
+
+
+def chat(options: ChatOptions, stdin: TextIO = None, out: TextIO = None,
+         err: TextIO = None) -> None:
+    """Load the model (and draft), then chat on the terminal or answer `options.prompt` once.
+
+    Input the user can fix raises UserError, as far as possible before anything is
+    loaded; so does a `--prompt` the session refuses (token ids the model lacks)."""
+    import mlx.core as mx
+
+    from .chat import ChatSession
+    from .chat_model import activation_dtype, load_models
+    from .runtime import current as current_runtime
+    from .terminal import Terminal, tolerant
+
+    source, draft_source = options.sources()
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    main_model, tokenizer, draft_model = load_models(options, source, draft_source)
+    session = ChatSession(main_model, tokenizer, options.session, draft_model=draft_model)
+    terminal = Terminal(session, stdin or tolerant(sys.stdin), out or sys.stdout,
+                        err or sys.stderr)
+    if options.prompt is not None:
+        terminal.answer(options.prompt)
+        return
+    mode = "raw continuation" if session.raw else "chat"
+    terminal.run(
+        f"{source} ({mode}, {current_runtime().backend} in {activation_dtype(main_model)}, "
+        f"context {session.context} tokens"
+        + (f", draft {options.draft}" if options.draft else "")
+        + "). /help for commands, Ctrl-D to quit.")

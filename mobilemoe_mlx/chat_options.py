@@ -1,12 +1,14 @@
 """Chat settings and the checks on them that need no model: sampling values,
-the seed, and the option pairs mlx-lm's caches cannot serve. chat.py's click
-options check the same ranges; these are the checks for library callers and the
-one place the limits are written down. `SessionOptions` runs them when it is
-made, so a settings object that exists has passed them, once."""
+the seed, the option pairs mlx-lm's caches cannot serve, and text that is not
+UTF-8. chat.py's click options check the same ranges; these are the checks for
+library callers and the one place the limits are written down. `SessionOptions`
+(a conversation's settings) and `ChatOptions` (everything chat.py's command
+line sets) run them when they are made, so a settings object that exists has
+passed them, once, before any model is fetched or loaded."""
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 from .errors import UserError
 
@@ -93,3 +95,57 @@ class SessionOptions:
         check_sampling(self.sampling)
         if self.num_draft_tokens < 1:  # click checks the CLI
             raise UserError(f"--num-draft-tokens must be at least 1, not {self.num_draft_tokens}")
+
+
+def is_text(text: str) -> bool:
+    """False for a string holding lone surrogates: bytes that were not valid UTF-8
+    (Python decodes command-line arguments and, in the chat, stdin with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Everything chat.py's command line sets, checked once, when made: what
+    needs no model is refused before anything is downloaded, converted or loaded."""
+
+    model: str = "S"  # S, M, L, a Hub repo id, or a path
+    variant: Optional[str] = None  # the release of S, M or L: qat, sft or base
+    revision: Optional[str] = None
+    session: SessionOptions = field(default_factory=SessionOptions)  # checked when it was made
+    seed: Optional[int] = None
+    draft: Optional[str] = None  # the draft model: S, M, a Hub repo id, or a path
+    prompt: Optional[str] = None  # answer this one message and exit
+
+    def __post_init__(self):
+        from .chat_model import SIZES
+
+        check_seed(self.seed)
+        for option, text in (("--prompt", self.prompt), ("--system", self.session.system)):
+            if text is not None and not is_text(text):
+                raise UserError(f"{option} is not valid UTF-8 text: check the terminal's or "
+                                "the shell's encoding")
+        if self.prompt is not None and not self.prompt.strip():
+            raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
+        if self.model.upper() in SIZES and self.variant == "base" and not self.session.raw:
+            raise UserError(f"MobileMoE-{self.model.upper()}-Base has no chat template: add "
+                            "--raw to continue plain text, or chat with --variant qat or sft")
+        if self.session.speculative != (self.draft is not None):
+            raise ValueError("session.speculative must say whether there is a draft")
+
+    def sources(self) -> Tuple[str, Optional[str]]:
+        """The model's source and the draft's (None without --draft), each checked
+        to be a path or a repo id before anything is fetched."""
+        from .chat_model import SIZES, model_source
+        from .loading import check_source_argument
+
+        source = model_source(self.model, self.variant)
+        check_source_argument(source, "--model")
+        if self.draft is None:
+            return source, None
+        draft = model_source(self.draft, self.variant if self.draft.upper() in SIZES else None)
+        check_source_argument(draft, "--draft")
+        return source, draft
