@@ -47,7 +47,7 @@ from .schema import (
     ROUTING_PROMPT_ENTRY,
     entry,
 )
-from .steps import decode, probe_step  # noqa: F401 - decode is public here too
+from .steps import decode, kernel_nodes, probe_step  # noqa: F401 - decode is public here too
 
 # ---------------------------------------------------------------- machine ----
 
@@ -301,7 +301,7 @@ def measure_decode(built, s: Settings, tokens: mx.array, progress: Progress) -> 
     del cache
     progress.update(c, f"{built.label}: fill cache to {c}")
     probe_cache = restore(base)
-    nodes, idle_builds = probe_step(model, y, probe_cache)
+    primitives, idle_builds = probe_step(model, y, probe_cache)
     del probe_cache
     tps, step_mean, build_med, peaks = [], [], [], []
     for r in range(runs):
@@ -319,7 +319,8 @@ def measure_decode(built, s: Settings, tokens: mx.array, progress: Progress) -> 
         DECODE_ENTRY, context=c, context_filled=filled, gen_tokens=s.gen_tokens,
         tokens_per_s=stats(tps), step_s=stats(step_mean), graph_build_s=stats(build_med),
         graph_build_fraction=statistics.median(build_med) / statistics.median(step_mean),
-        graph_nodes=nodes, graph_build_idle_s=stats(idle_builds), peak_memory_bytes=max(peaks),
+        graph_nodes=sum(primitives.values()), graph_kernels=kernel_nodes(primitives),
+        graph_build_idle_s=stats(idle_builds), peak_memory_bytes=max(peaks),
         fill_s=fill_s, fill_peak_memory_bytes=fill_peak, kv_cache_bytes=kv,
         kv_cache_bytes_analytic=analytic.kv_cache_bytes(built.config, filled, built.dtype),
         rss_bytes=rss_bytes())

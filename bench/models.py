@@ -207,7 +207,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     modules = dict(model.named_modules())
     # Fill each quantized module with mobilemoe_mlx/synthetic.py's random centred
     # levels (as a synthetic checkpoint has them), packed in MLX's format.
-    for path, m in modules.items():
+    for m in modules.values():
         if not hasattr(m, "scales"):
             continue
         key, k1 = mx.random.split(key)
@@ -217,12 +217,12 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         fan_in = m.scales.shape[-2] if ours else m.weight.shape[-1] * 32 // bits
         scale = level_scale(fan_in, bits)
         m.weight = random_packed_weight(m.weight.shape, bits, k1)
-        # Scales and biases in float16 as a converted QAT checkpoint has them;
-        # the embedding's in the activation dtype, because its output (the
-        # residual stream) takes their dtype (float16 is slow on MLX's CPU).
-        sdt = dt if path.endswith(("embed_tokens", "lm_head")) else mx.float16
-        m.scales = mx.full(m.scales.shape, scale, dtype=sdt)
-        m.biases = mx.full(m.scales.shape, -(1 << (bits - 1)) * scale, dtype=sdt)
+        # Scales and biases in the activation dtype, as a conversion to that
+        # dtype stores them and load() leaves them: in any other dtype every
+        # quantized matmul would cast all of its scales at every step (at S in
+        # float32 on the CPU, 12 casts a layer, most of the experts' data).
+        m.scales = mx.full(m.scales.shape, scale, dtype=dt)
+        m.biases = mx.full(m.scales.shape, -(1 << (bits - 1)) * scale, dtype=dt)
     for path, m in modules.items():
         if isinstance(m, nn.RMSNorm):
             m.weight = mx.ones(m.weight.shape, dtype=dt)
@@ -242,8 +242,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     for layer in model.layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
-    quant = analytic.Quant(bits=bits, group_size=group_size, scale_dtype="float16",
-                           embedding_scale_dtype=dtype, dtype=dtype)
+    quant = analytic.Quant(bits=bits, group_size=group_size, scale_dtype=dtype, dtype=dtype)
     return Built(name, label(name), model, config, family(config), True, "synthetic",
                  dtype=dtype, quant=quant)
 

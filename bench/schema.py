@@ -40,7 +40,10 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
       decode[]                  context (asked), context_filled (cache offset before decoding),
                                 gen_tokens, tokens_per_s, step_s (median step per repeat),
                                 graph_build_s (median host graph-building time per step),
-                                graph_build_fraction, peak_memory_bytes (decode phase peak),
+                                graph_build_fraction, graph_nodes (operations in one step's
+                                graph, on the default device's backend), graph_kernels (those
+                                that launch a kernel: views excluded), peak_memory_bytes
+                                (decode phase peak),
                                 fill_s, fill_peak_memory_bytes, kv_cache_bytes,
                                 kv_cache_bytes_analytic, rss_bytes, and with a bandwidth:
                                 bandwidth_bound_tokens_per_s, fraction_of_bound. The decode
@@ -83,7 +86,8 @@ STATS_KEYS = ("median", "min", "max", "runs")
 MEMORY_ENTRY = ("weights_bytes", "active_after_load_bytes", "rss_bytes")
 PREFILL_ENTRY = PREFILL_KEYS + ("rss_bytes",)
 DECODE_ENTRY = ("context", "context_filled", "gen_tokens", "tokens_per_s", "step_s",
-                "graph_build_s", "graph_build_fraction", "graph_nodes", "graph_build_idle_s",
+                "graph_build_s", "graph_build_fraction", "graph_nodes", "graph_kernels",
+                "graph_build_idle_s",
                 "peak_memory_bytes", "fill_s", "fill_peak_memory_bytes", "kv_cache_bytes",
                 "kv_cache_bytes_analytic", "rss_bytes")
 DECODE_BOUND = ("bandwidth_bound_tokens_per_s", "fraction_of_bound")  # with a bandwidth only

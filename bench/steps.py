@@ -9,7 +9,9 @@ launches and the host time to build them decide tokens/s.
 """
 
 import io
+import re
 import time
+from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,26 +50,49 @@ def decode(model: nn.Module, y: mx.array, cache, n: int):
     return total, builds, tokens
 
 
-def graph_nodes(*arrays: mx.array) -> int:
-    """Operations (primitives) in the not yet evaluated graph behind `arrays`:
-    what one evaluation of them launches, at most (compiled elementwise
-    chains count once, as they run as one kernel)."""
+# Primitives that only describe another array's memory (shape, strides,
+# offset): MLX evaluates them without a kernel (a reshape of a layout it cannot
+# describe copies; counted as a view all the same). Every other node launches a
+# kernel: one each, a compiled elementwise chain included.
+VIEW_PRIMITIVES = frozenset({
+    "Reshape", "Transpose", "Slice", "Broadcast", "BroadcastAxes", "ExpandDims", "Squeeze",
+    "Flatten", "Unflatten", "AsStrided", "StopGradient", "Depends", "NumberOfElements",
+})
+
+
+def graph_primitives(*arrays: mx.array) -> Counter:
+    """How many of each primitive the not yet evaluated graph behind `arrays`
+    holds: what one evaluation of them runs. The graph is the one MLX builds
+    for the default device: on the CPU, fast.rms_norm, rope and attention are
+    built from their primitive fallbacks (S: ~2,700 nodes a step there, ~1,200
+    on a GPU before compilation), so a CPU count is not a GPU count."""
     dot = io.StringIO()
     mx.export_to_dot(dot, *arrays)
-    return dot.getvalue().count("shape=rectangle")
+    return Counter(re.findall(r'label ="([^"]+)", shape=rectangle', dot.getvalue()))
+
+
+def graph_nodes(*arrays: mx.array) -> int:
+    """Operations (primitives) in the not yet evaluated graph behind `arrays`."""
+    return sum(graph_primitives(*arrays).values())
+
+
+def kernel_nodes(primitives: Counter) -> int:
+    """The nodes of `graph_primitives` that launch a kernel (views excluded)."""
+    return sum(n for name, n in primitives.items() if name not in VIEW_PRIMITIVES)
 
 
 def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 8):
     """Build `steps` decode steps with nothing else running, timing each build
-    and counting the first one's graph. Returns (nodes, build seconds[])."""
-    builds, nodes = [], None
+    and counting the first one's graph. Returns (primitives Counter, build
+    seconds[])."""
+    builds, primitives = [], None
     with mx.stream(generation_stream):
         for _ in range(steps):
             t = time.perf_counter()
             out = _step(model, y, cache)
             builds.append(time.perf_counter() - t)
-            if nodes is None:
-                nodes = graph_nodes(*out)
+            if primitives is None:
+                primitives = graph_primitives(*out)
             mx.eval(out)
             y = out[0]
-    return nodes, builds
+    return primitives, builds

@@ -37,6 +37,7 @@ from mlx_lm.models.base import (
     create_attention_mask,
     scaled_dot_product_attention,
 )
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 # MLX's GPU backends run float32 matmuls as TF32 (a 10-bit mantissa) unless
@@ -77,6 +78,8 @@ class ModelArgs(BaseModelArgs):
     expert_sort_threshold: int = 64
     # Fuse q/k/v and the shared expert's gate/up at load (quantized weights only).
     fuse_projections: bool = True
+    # Run one-token decode steps as one compiled function (see Model.__call__).
+    compiled_decode: bool = True
 
     def __post_init__(self):
         if self.rope_scaling is None and self.rope_parameters is not None:
@@ -350,9 +353,30 @@ class MoE(nn.Module):
         self.shared_expert = MLP(args.hidden_size, args.intermediate_size_mlp)
 
     def __call__(self, x: mx.array) -> mx.array:
+        y, indices = self.forward(x)
+        self.report(indices)
+        return y
+
+    def forward(self, x: mx.array) -> Tuple[mx.array, mx.array]:
+        """The block's output [B, L, D] and the experts it chose [B, L, K]."""
         logits = self.router(x.astype(mx.float32))  # [B, L, E]
         indices, weights = select_experts(logits, self.expert_bias, self.top_k, self.scaling)
-        return combine_experts(self.experts(x, indices), weights, self.shared_expert(x))
+        y = combine_experts(self.experts(x, indices), weights, self.shared_expert(x))
+        return y, indices
+
+    @property
+    def observers(self) -> list:
+        """Callbacks given the experts chosen ([B, L, K]) at every forward
+        (routing.ExpertRecorder). A plain attribute, not a child module: no
+        parameter, and never part of a compiled graph (a compiled decode step
+        returns its choices and the model reports them after it runs)."""
+        if "_observers" not in self.__dict__:
+            object.__setattr__(self, "_observers", [])
+        return self.__dict__["_observers"]
+
+    def report(self, indices: mx.array) -> None:
+        for observe in self.observers:
+            observe(indices)
 
 
 @mx.compile
@@ -375,6 +399,14 @@ class DecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
+    def forward(self, x, mask=None, cache=None) -> Tuple[mx.array, mx.array]:
+        """The layer's output and the experts its MoE block chose, unreported:
+        the compiled decode step returns them, and reports them after it runs
+        (observers called while it is traced would keep placeholders)."""
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        y, indices = self.feed_forward.forward(self.post_attention_layernorm(h))
+        return h + y, indices
+
 
 class MobileMoEModel(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -383,14 +415,40 @@ class MobileMoEModel(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, mask=None) -> mx.array:
         h = self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
+        if mask is None:
+            mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
+
+
+class StaticKV:
+    """One layer's KV buffers for a compiled decode step: mlx-lm's KVCache
+    buffers (preallocated 256 positions at a time), written at an array
+    offset, and read whole. Every step of a buffer size then has the same
+    shapes, so one traced graph serves them all; the positions past the offset
+    are masked out (`decode_mask`)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
+        return self.keys, self.values
+
+
+def decode_mask(offset: mx.array, capacity: int) -> mx.array:
+    """[capacity] True up to and including the new token's position `offset`.
+
+    A masked position gets exactly zero attention weight, so reading whole
+    buffers gives the values of reading the filled part (the unfilled part
+    holds zeros or trimmed tokens: finite either way)."""
+    return mx.arange(capacity) <= offset
 
 
 class Model(nn.Module):
@@ -401,8 +459,46 @@ class Model(nn.Module):
         self.model = MobileMoEModel(args)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """Logits [B, L, vocab] for token ids [B, L].
+
+        A one-token step through mlx-lm's KVCache (every decode step of
+        generate, chat and the server) runs as one compiled function: a step
+        of S is ~2,700 operations that Python would otherwise build one by
+        one, and the compiled graph is replayed from C++ with its elementwise
+        work between matmuls fused. Prefill, other caches (quantized,
+        batched) and a step that must grow the buffers take the plain path."""
+        if self.args.compiled_decode and _static_decode_applies(self, inputs, cache):
+            return self._compiled_decode_step(inputs, cache)
+        return self._logits(self.model(inputs, cache))
+
+    def _logits(self, h: mx.array) -> mx.array:
         # Tied embeddings: the (possibly quantized) embedding is the output head.
-        return self.model.embed_tokens.as_linear(self.model(inputs, cache))
+        return self.model.embed_tokens.as_linear(h)
+
+    def _compiled_decode_step(self, inputs: mx.array, cache) -> mx.array:
+        if getattr(self, "_decode_step", None) is None:
+            # The parameters are the compiled function's implicit inputs: a
+            # weight swapped in later (load_weights, fuse) is used, not a copy.
+            self._decode_step = mx.compile(self._static_decode, inputs=self.state)
+        offset = mx.array(cache[0].offset, dtype=mx.int32)
+        logits, buffers, chosen = self._decode_step(
+            inputs, offset, [(c.keys, c.values) for c in cache])
+        for c, (keys, values) in zip(cache, buffers):
+            c.keys, c.values = keys, values
+            c.offset += 1
+        for layer, indices in zip(self.layers, chosen):
+            layer.feed_forward.report(indices)
+        return logits
+
+    def _static_decode(self, inputs, offset, buffers):
+        caches = [StaticKV(k, v, offset) for k, v in buffers]
+        mask = decode_mask(offset, buffers[0][0].shape[2])
+        h, chosen = self.model.embed_tokens(inputs), []
+        for layer, c in zip(self.layers, caches):
+            h, indices = layer.forward(h, mask, c)
+            chosen.append(indices)
+        logits = self._logits(self.model.norm(h))
+        return logits, [(c.keys, c.values) for c in caches], chosen
 
     @property
     def layers(self):
@@ -443,3 +539,19 @@ class Model(nn.Module):
                 module.fuse_weights(weights, prefix)
         return weights
 
+
+
+def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
+    """One token per sequence, through plain KVCaches with room for it (the
+    compiled step neither allocates nor grows buffers: KVCache does that on the
+    plain path, once every 256 tokens), and the model's own layers and MoE
+    blocks: one wrapped to watch or change what passes (bench parity's taps,
+    bench profile's timers) must be called at every step, not traced once."""
+    if cache is None or inputs.ndim != 2 or inputs.shape[1] != 1:
+        return False
+    first = cache[0]
+    own = all(type(layer) is DecoderLayer and type(layer.feed_forward) is MoE
+              for layer in model.layers)
+    return own and all(
+        type(c) is KVCache and c.keys is not None and c.offset == first.offset
+        and c.offset < c.keys.shape[2] for c in cache)

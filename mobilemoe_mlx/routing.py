@@ -1,8 +1,10 @@
 """Which routed experts each MoE layer chose, recorded on a model instance.
 
-Each layer's `feed_forward.experts` is wrapped so the `indices` the router
-hands it are kept as they pass: nothing is recomputed and results are
-unchanged. chat.py's /stats and the benchmark's routing report both use it.
+Each MoE block reports the expert indices its router chose to its observers
+(model.py's `MoE.observers`), on every path: a plain forward reports them as
+they are computed, a compiled decode step after it runs. Nothing is recomputed
+and results are unchanged. chat.py's /stats and the benchmark's routing report
+both use it.
 """
 
 from contextlib import contextmanager
@@ -11,18 +13,6 @@ from typing import List
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-
-class _Recording(nn.Module):
-    def __init__(self, inner: nn.Module, sink: list, recorder: "ExpertRecorder"):
-        super().__init__()
-        self.inner = inner
-        self._sink, self._recorder = sink, recorder
-
-    def __call__(self, x, indices, *args, **kwargs):
-        if self._recorder.recording:
-            self._sink.append(indices)
-        return self.inner(x, indices, *args, **kwargs)
 
 
 class ExpertRecorder:
@@ -37,19 +27,26 @@ class ExpertRecorder:
 
     def __init__(self, model: nn.Module):
         self._moe = [layer.feed_forward for layer in model.layers
-                     if hasattr(getattr(layer, "feed_forward", None), "experts")]
+                     if hasattr(getattr(layer, "feed_forward", None), "observers")]
         if not self._moe:
             raise ValueError("the model has no MoE layers to record")
         self.num_experts = model.args.num_local_experts
         self.recording = False
         self._calls: List[list] = [[] for _ in self._moe]
-        for ff, sink in zip(self._moe, self._calls):
-            ff.experts = _Recording(ff.experts, sink, self)
+        self._observers = [self._observer(sink) for sink in self._calls]
+        for ff, observe in zip(self._moe, self._observers):
+            ff.observers.append(observe)
+
+    def _observer(self, sink: list):
+        def observe(indices: mx.array) -> None:
+            if self.recording:
+                sink.append(indices)
+        return observe
 
     def remove(self) -> None:
-        for ff in self._moe:
-            if isinstance(ff.experts, _Recording):
-                ff.experts = ff.experts.inner
+        for ff, observe in zip(self._moe, self._observers):
+            if observe in ff.observers:
+                ff.observers.remove(observe)
 
     def clear(self) -> None:
         for calls in self._calls:
