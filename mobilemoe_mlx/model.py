@@ -471,15 +471,27 @@ class Model(nn.Module):
             return self._compiled_decode_step(inputs, cache)
         return self._logits(self.model(inputs, cache))
 
+    def update(self, parameters: dict, strict: bool = True) -> nn.Module:
+        self._decode_step = None  # its weights are constants (_compiled_decode_step)
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> nn.Module:
+        self._decode_step = None
+        return super().update_modules(modules, strict)
+
     def _logits(self, h: mx.array) -> mx.array:
         # Tied embeddings: the (possibly quantized) embedding is the output head.
         return self.model.embed_tokens.as_linear(h)
 
     def _compiled_decode_step(self, inputs: mx.array, cache) -> mx.array:
         if getattr(self, "_decode_step", None) is None:
-            # The parameters are the compiled function's implicit inputs: a
-            # weight swapped in later (load_weights, fuse) is used, not a copy.
-            self._decode_step = mx.compile(self._static_decode, inputs=self.state)
+            # The weights enter the compiled graph as constants: passing them as
+            # inputs would have every step flatten and match ~400 arrays (15-25%
+            # of the step's host time on MLX's CPU). So the trace is dropped
+            # whenever the weights change through the model (update,
+            # update_modules, and so load_weights, apply, nn.quantize, fuse).
+            mx.eval(self.parameters())  # constants must be computed arrays
+            self._decode_step = mx.compile(self._static_decode)
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         logits, buffers, chosen = self._decode_step(
             inputs, offset, [(c.keys, c.values) for c in cache])
@@ -526,6 +538,7 @@ class Model(nn.Module):
         memory (bit-identical; see the module docstring)."""
         for module, _ in self.fusable():
             module.fuse()
+        self._decode_step = None
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Converted directories are already in this module's names; an untied

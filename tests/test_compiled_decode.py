@@ -130,3 +130,22 @@ def test_compiled_step_launches_fewer_kernels(qat_int4, tokens):
         counts[compiled] = kernel_nodes(graph_primitives(model(mx.array(tokens[:, 6:7]), cache)))
     model.args.compiled_decode = True
     assert counts[True] < counts[False], counts
+
+
+@pytest.mark.parametrize("change", ["load_weights", "apply"])
+def test_weights_changed_after_a_compiled_step_are_used(qat_int4, tokens, change):
+    """The compiled step holds the weights as constants: changing them
+    through the model must drop it, or the next steps would use the old ones."""
+    model = qat_int4.model()
+    before, _ = decode_one_by_one(model, tokens, 6, compiled=True)
+    if change == "load_weights":
+        norm = model.model.norm.weight
+        model.load_weights([("model.norm.weight", norm * 2.0 + 0.5)], strict=False)
+    else:
+        model.apply(lambda a: a * 1.01 if a.dtype == mx.float32 and a.ndim == 1 else a)
+    after, marks = decode_one_by_one(model, tokens, 6, compiled=True)
+    plain, _ = decode_one_by_one(model, tokens, 6, compiled=False)
+    assert all(marks)
+    assert not np.allclose(after, before, rtol=1e-3)
+    assert_close(after, plain, "compiled after a weight change vs plain", cos_min=0.999999,
+                 rel_max=1e-5)
