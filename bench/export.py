@@ -8,7 +8,9 @@ generator that matches MLX's, so Python writes them down once:
   `python -m bench run` feeds that model), and the analytic figures that go
   into results.json. The Swift benchmark follows it exactly.
 - `export-synthetic`: a preset with random weights (the dense MobileLLM-Pro
-  baseline above all) written as a model directory, plan included.
+  baseline above all) written as a model directory, plan included: only a
+  preset whose model_type the Swift package registers (SWIFT_MODEL_TYPES), so
+  never a glm4 peer, which is mlx-lm's class and has no Swift port here.
 - `export-parity`: a tiny converted MobileMoE, token ids, and the Python
   model's float32 logits and chosen experts per layer.
 """
@@ -29,7 +31,7 @@ from mobilemoe_mlx import analytic
 from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import UserError, run_cli
 
-from .models import names_help
+from .models import DENSE_NAMES, MODEL_NAMES, PRESETS
 from .options import Settings, protocol_settings
 from .tokens import KINDS, prompt_tokens
 
@@ -38,6 +40,9 @@ PLAN_VERSION = 1
 PLAN_FILE = "bench_prompts.json"
 PARITY_TOKENS = 48  # B * L * top-k = 96 pairs: the sorted-dispatch path runs
 PARITY_MIN_GAP = 1e-4  # no routing choice within this of a tie (float32 cannot flip it)
+# The model_type values the Swift package loads: MobileMoERegistration.modelTypes in
+# ios/Sources/MobileMoE/Registration.swift (tests/test_export.py holds the two equal).
+SWIFT_MODEL_TYPES = ("mobilemoe", "mobilellm_pro")
 
 
 # ------------------------------------------------------------------ plan ----
@@ -96,6 +101,31 @@ def write_json_atomic(path: Path, data: dict, force: bool) -> Path:
 
 
 # ----------------------------------------------------------- synthetic ----
+
+def exported_model_type(config: dict) -> str:
+    """The model_type of the model a preset's config builds: a glm4 peer's is
+    mlx-lm's (under `peer`), whatever the MobileMoE shape it borrows says."""
+    return config.get("peer", config)["model_type"]
+
+
+def swift_names() -> List[str]:
+    """The preset names whose model the Swift package loads (SWIFT_MODEL_TYPES)."""
+    from .models import model_config
+
+    return [n for n in MODEL_NAMES if exported_model_type(model_config(n)) in SWIFT_MODEL_TYPES]
+
+
+def check_swift_loads(name: str) -> None:
+    """A one-line UserError unless the Swift package loads preset `name`'s model
+    (an unknown name gets model_config()'s error)."""
+    from .models import model_config
+
+    kind = exported_model_type(model_config(name))
+    if kind not in SWIFT_MODEL_TYPES:
+        raise UserError(f"--model {name} is a {kind} model, which the Swift package does not "
+                        f"load (it loads {', '.join(SWIFT_MODEL_TYPES)}): export one of "
+                        f"{', '.join(swift_names())}")
+
 
 def write_synthetic_model(built, out: Path) -> None:
     """A built synthetic model as a directory the Swift loader reads: its
@@ -274,7 +304,9 @@ def export_prompts(model_dir, out, name, force, verbose, **opts):
 
 @click.command("export-synthetic")
 @click.option("--model", "name", default="pro", show_default=True,
-              help=f"{names_help()}.")
+              # Spelled out, not swift_names(): that imports mlx-lm, and `-h` must not.
+              help=f"{', '.join(PRESETS + DENSE_NAMES)} (the presets whose model_type the "
+              f"Swift package loads: {', '.join(SWIFT_MODEL_TYPES)}).")
 @click.option("--out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               default="float16", show_default=True, help="Activation dtype (Metal: float16).")
@@ -291,9 +323,9 @@ def export_synthetic(name, out, dtype, bits, group_size, force, verbose, **opts)
     def go():
         from mobilemoe_mlx.output_dir import atomic_output_dir, check_output_dir
 
-        from .models import build_synthetic, check_quantizable, model_config
+        from .models import build_synthetic, check_quantizable
 
-        model_config(name)  # a clear error for an unknown name
+        check_swift_loads(name)  # and a clear error for an unknown name
         check_quantizable(name, bits, group_size)
         settings = settings_from(opts, dtype)
         settings.bits, settings.group_size = bits, group_size

@@ -18,6 +18,7 @@ the last tokens one at a time (decode: unsorted dispatch, one-row kernels).
 Shape legend: T = prompt tokens, D = hidden, K = experts per token, V = vocabulary.
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
@@ -243,11 +244,14 @@ def cast(model: nn.Module, dtype: str) -> None:
 
 def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int] = None
                ) -> Tuple[nn.Module, nn.Module]:
-    """(the model as it runs here, a second copy to be the CPU float32 reference)
-    for a preset (synthetic weights, built twice from one seed; `layers` keeps
-    that many of its layers, all of one shape) or a converted directory (loaded
-    as load() does: in its stored dtype on a GPU, float32 on the CPU); `dtype`
-    casts the first."""
+    """(the model as it runs here, a copy of it to be the CPU float32 reference)
+    for a preset (synthetic weights from `seed`; `layers` keeps that many of its
+    layers, all of one shape) or a converted directory (loaded as load() does:
+    in its stored dtype on a GPU, float32 on the CPU); `dtype` casts the first.
+
+    Built or loaded once, then copied before the cast: both models start from
+    the same weights bit for bit (a second build from the seed would cost as
+    much again, and could differ should building ever stop being deterministic)."""
     if name in PRESETS:
         config = model_config(name)
         if layers is not None:
@@ -256,16 +260,16 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
                                 f"{config['num_hidden_layers']}, not {layers}")
             config.update(num_hidden_layers=layers, no_rope_layers=[1] * layers,
                           layer_types=["full_attention"] * layers)
-        model, reference = (build_synthetic(name, "float32", seed=seed, config=config,
-                                            fuse=True).model for _ in range(2))
+        model = build_synthetic(name, "float32", seed=seed, config=config, fuse=True).model
         dtype = dtype or current_runtime().compute_dtype
     else:
         if layers is not None:
             raise UserError("--layers applies to a preset, not to a converted directory")
         path = check_checkpoint(name, "--model")
+        # float32 wherever it loads: compare() runs the reference on the CPU in float32 anyway.
         model, _ = load_converted(path, float32_on_cpu=True)
-        # float32 wherever it loads: compare() runs it on the CPU in float32 anyway.
-        reference, _ = load_converted(path, float32_on_cpu=True)
+    # Its own modules (trace() swaps a model's layers) and its own arrays.
+    reference = copy.deepcopy(model)
     if dtype is not None:
         cast(model, dtype)
     mx.eval(model.parameters(), reference.parameters())

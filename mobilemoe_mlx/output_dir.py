@@ -1,7 +1,22 @@
-"""Output directories that appear whole or not at all.
+"""Output directories: checked before any work, and written whole or not at all.
 
-Everything is written into a hidden sibling (`.NAME.partial-PID`) that is
-renamed over the target only when complete. A failure, Ctrl-C or SIGTERM
+Every writer's output directory is checked here, before anything is computed,
+with one wording (`Destination`): an empty or unusable path, a file in the
+way, a name too long, a read-only or pseudo file system (/proc), a directory
+without write permission, an earlier output kept unless --force says to
+replace it. Each is one UserError line.
+
+Two kinds of writer use it:
+
+- one that writes a directory whole (a conversion, an export): everything is
+  written into a hidden sibling (`.NAME.partial-PID`) that is renamed over the
+  target only when complete (check_output_dir, atomic_output_dir);
+- one that adds files to a directory as it goes, each file replaced
+  atomically (a benchmark run: check_output_dir_in_place, then
+  make_output_dir_in_place, which creates it and proves a file can be
+  written there).
+
+For the first kind, a failure, Ctrl-C or SIGTERM
 (which the CLIs turn into SystemExit) removes it. A sibling left by a killed
 process is swept by the next run, but only when it holds the marker file this
 module wrote into it (with the writer's host and process id): a name pattern
@@ -17,7 +32,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional
 
 from .errors import UserError
 
@@ -52,19 +67,20 @@ USER_OUT = Destination()
 
 def check_output_dir(out: str, force: bool, replaceable: Callable[[Path], bool],
                      what: str, dest: Destination = USER_OUT) -> Path:
-    """The absolute output path, if it may be written; UserError otherwise.
+    """The absolute output path of a directory written whole (atomic_output_dir),
+    if it may be written; UserError otherwise.
 
     `replaceable(path)` says whether an existing directory is one of ours
     (`what`), so --force never deletes an unrelated directory. Whether the
     directory can be made at all (a file in the way, a read-only or pseudo
     file system such as /proc, a name too long) is found out here, before any
     work, by making and removing an empty directory where it will go."""
+    path = _usable_path(out, dest)
     try:
-        path = Path(out).expanduser().resolve()
         cwd = Path.cwd().resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a NUL byte, a symlink loop
-        raise UserError(f"{dest.label} {out!r} is not a usable path ({e}); {dest.elsewhere}") from e
-    if path == cwd or path in cwd.parents:
+    except OSError:  # the current directory was deleted: `out` is absolute, and not it
+        cwd = None
+    if cwd is not None and (path == cwd or path in cwd.parents):
         raise UserError(f"{dest.label} {path} is the current directory or one of its parents; "
                         f"{dest.elsewhere}")
     if _exists(path):
@@ -74,12 +90,89 @@ def check_output_dir(out: str, force: bool, replaceable: Callable[[Path], bool],
             raise UserError(f"{path} exists and is not {what}"
                             + ("; --force replaces only that" if dest is USER_OUT else "")
                             + ", so move or delete it yourself")
-    _check_creatable(path, dest)
+    # The longest name written is the temporary sibling (atomic_output_dir).
+    anchor = _check_names(path, _temporary(path), dest)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mobilemoe-mlx-probe-", dir=anchor))
+    except OSError as e:
+        raise _cannot(path, "be created", e, dest) from e
     return path
 
 
-def _check_creatable(path: Path, dest: Destination) -> None:
-    """Refuse an output directory that cannot be made, saying why."""
+def check_output_dir_in_place(out: str, force: bool, holds: Callable[[Path], bool], what: str,
+                              dest: Destination = USER_OUT) -> Path:
+    """The absolute output path of a directory that files are added to one at a
+    time (never replaced whole, so the current directory will do), if it may be
+    written; UserError otherwise. Nothing is created: make_output_dir_in_place
+    does that. `holds(path)` says whether an existing directory already holds
+    an earlier output (`what`), kept unless `force`."""
+    path = _usable_path(out, dest)
+    if _exists(path):
+        if not path.is_dir():
+            raise UserError(f"{dest.label} {path} is a file, not a directory; {dest.elsewhere}")
+        if not force and holds(path):
+            raise UserError(f"{dest.label} {path} already holds {what}; {dest.replace}")
+    else:
+        _check_names(path, path, dest)
+    return path
+
+
+def make_output_dir_in_place(path: Path, dest: Destination = USER_OUT) -> List[Path]:
+    """Create `path` (checked by check_output_dir_in_place) with its missing
+    parents and prove a file can be written in it. Returns the directories
+    created, deepest first, for remove_created(); on a UserError (a read-only
+    or pseudo file system, no permission) nothing is left behind."""
+    created = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc: ENOENT; /sys: EPERM; read-only: EROFS
+        remove_created(created)
+        raise _cannot(path, "be created", e, dest) from e
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mobilemoe-mlx-write-test-"):
+            pass
+    except OSError as e:
+        remove_created(created)
+        raise _cannot(path, "be written to", e, dest) from e
+    return created
+
+
+def remove_created(created: List[Path]) -> None:
+    """Remove the (empty) directories make_output_dir_in_place() created."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            pass  # not created after all, or no longer empty: leave it
+
+
+def cannot_write(path: Path, error: OSError, dest: Destination = USER_OUT) -> UserError:
+    """One line for a file in an output directory that could not be written."""
+    advice = _DISK_ERRORS[error.errno][1] if error.errno in _DISK_ERRORS else dest.elsewhere
+    return UserError(f"cannot write {path}: {os_error_reason(error)}; {advice}")
+
+
+def _usable_path(out: str, dest: Destination) -> Path:
+    """`out` as an absolute path, or a UserError: empty (which Path would read as
+    the current directory), a NUL byte, a loop of links."""
+    if not str(out).strip():
+        raise UserError(f"{dest.label} is empty; {dest.elsewhere}")
+    try:
+        return Path(out).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{dest.label} {out!r} is not a usable path ({e}); {dest.elsewhere}") from e
+
+
+def _cannot(path: Path, what: str, error: OSError, dest: Destination) -> UserError:
+    return UserError(f"{dest.label} {path} cannot {what}: {os_error_reason(error)}; "
+                     f"{dest.elsewhere}")
+
+
+def _check_names(path: Path, longest: Path, dest: Destination) -> Path:
+    """Refuse a path whose directory cannot be made because of a file in the
+    way or a name or path too long for the file system, `longest` being the
+    longest path written for it. Returns the deepest existing directory above
+    `path` (where it will be made)."""
     def refuse(why: str) -> UserError:
         return UserError(f"{dest.label} {path} cannot be created: {why}; {dest.elsewhere}")
 
@@ -91,18 +184,15 @@ def _check_creatable(path: Path, dest: Destination) -> None:
         path_max = os.pathconf(anchor, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
-    # The longest name written is the temporary sibling (atomic_output_dir).
-    longest = _temporary(path)
-    for part in [*path.relative_to(anchor).parts[:-1], longest.name]:
+    room = ", with room for the temporary name written first" if longest != path else ""
+    names = [(part, "") for part in path.relative_to(anchor).parts[:-1]]
+    for part, note in [*names, (longest.name, room)]:
         if len(os.fsencode(part)) > name_max:
             raise refuse(f"a name in it is longer than this file system takes ({name_max} "
-                         "bytes, with room for the temporary name written first)")
+                         f"bytes{note})")
     if len(os.fsencode(str(longest))) >= path_max:
         raise refuse(f"the path is longer than this system takes ({path_max} bytes)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".mobilemoe-mlx-probe-", dir=anchor))
-    except OSError as e:
-        raise refuse(os_error_reason(e)) from e
+    return anchor
 
 
 def _exists(path: Path) -> bool:
@@ -122,7 +212,7 @@ def os_error_reason(error: OSError) -> str:
         reason = _DISK_ERRORS[error.errno][0]
     elif error.errno in (errno.ENOENT, errno.EINVAL, errno.EXDEV, errno.ENOTSUP):
         # What mkdir in a pseudo file system (/proc, /sys) answers.
-        reason = "the file system there does not take new directories"
+        reason = "the file system there does not take new files or directories"
     else:
         reason = (error.strerror or str(error)).lower()
     code = errno.errorcode.get(error.errno, "")

@@ -7,6 +7,7 @@ tiny models and settings of a few tokens.
 import copy
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -205,7 +206,13 @@ def test_results_schema_and_measurements(quick_run):
         for e in m["decode"]:
             assert e["context_filled"] == e["context"]
             assert len(e["tokens_per_s"]["runs"]) == 2
-            assert 0 < e["graph_build_s"]["median"] <= e["step_s"]["median"]
+            # A run's n step builds lie inside its n steps (their sum is at most n mean
+            # steps) and at least ceil(n/2) of them are not below their median, so the
+            # median is at most n / ceil(n/2) mean steps: exact, whatever the load. Not
+            # <= one mean step: builds the scheduler preempts (a busy machine) can be.
+            n = e["gen_tokens"]
+            for build, step in zip(e["graph_build_s"]["runs"], e["step_s"]["runs"]):
+                assert 0 < build <= n / math.ceil(n / 2) * step, (build, step)
             assert e["peak_memory_bytes"] < 10 * m["memory"]["weights_bytes"] + (64 << 20)
             assert "fraction_of_bound" in e
     moe = saved["models"][0]

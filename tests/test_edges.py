@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from test_convert_cli import REPO, assert_clean_failure, run_convert
 
+from bench.cli import main as bench_cli
 from mobilemoe_mlx import chat_cli, load, synthetic
 from mobilemoe_mlx.convert import convert
 from mobilemoe_mlx.errors import UserError
@@ -181,6 +182,14 @@ def test_every_writer_checks_its_out_alike(tmp_path):
     one_error_line(result, "a-file is a file, not a directory")
     with pytest.raises(UserError, match="not a usable path"):
         convert("unused", str(tmp_path / "nul\0byte"))
+    # The benchmark's --out, written into rather than replaced, is checked by the
+    # same code (mobilemoe_mlx/output_dir.py): word for word the same line.
+    for out in (tmp_path / "a-file" / "x", "", tmp_path / ("a" * 300) / "x"):
+        lines = [one_error_line(invoke(command, *args, "--out", out))[-1]
+                 for command, args in ((synthetic.main, []), (bench_cli, ["run", "--quick"]),
+                                       (bench_cli, ["export-parity"]))]
+        assert len(set(lines)) == 1, lines
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
 # --- chat checks what it can before it prints "converting" -----------------------

@@ -4,6 +4,8 @@ bench plan's prompts against the tokenizer, the synthetic dense model against
 dense.py's and the Swift model's parameter names."""
 
 import json
+import re
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +15,8 @@ from click.testing import CliRunner
 from test_swift_sources import dense_python_names, model_tree
 
 from bench.cli import main
-from bench.models import tiny_pro_config
+from bench.export import SWIFT_MODEL_TYPES, swift_names
+from bench.models import MODEL_NAMES, PEER_NAMES, tiny_pro_config
 from bench.options import QUICK
 from bench.tokens import real_text
 
@@ -177,3 +180,37 @@ def test_export_synthetic_rejects_an_unknown_model(tmp_path):
     result = invoke("export-synthetic", "--model", "XL", "--out", str(tmp_path / "x"))
     assert result.exit_code == 2 and "unknown model 'XL'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_swift_model_types_are_the_ones_registration_swift_registers():
+    """export-synthetic's accepted models derive from SWIFT_MODEL_TYPES: it must be
+    what the Swift package registers and loads, read from its source."""
+    swift = (Path(__file__).resolve().parents[1] / "ios" / "Sources" / "MobileMoE"
+             / "Registration.swift").read_text()
+    listed = re.search(r"static let modelTypes = \[([^\]]*)\]", swift)
+    assert listed, "MobileMoERegistration.modelTypes not found"
+    assert re.findall(r'"([^"]+)"', listed.group(1)) == list(SWIFT_MODEL_TYPES)
+    registered = re.findall(r'registerModelType\(\s*"([^"]+)"', swift)
+    assert sorted(registered) == sorted(SWIFT_MODEL_TYPES)
+
+
+def test_swift_names_are_the_moe_and_dense_presets():
+    from bench.export import exported_model_type
+    from bench.models import model_config
+
+    names = swift_names()
+    assert names and not set(names) & set(PEER_NAMES)
+    assert set(names) | set(PEER_NAMES) == set(MODEL_NAMES)
+    assert {exported_model_type(model_config(n)) for n in names} == set(SWIFT_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("name", PEER_NAMES)
+def test_export_synthetic_refuses_a_model_the_swift_side_cannot_load(tmp_path, name):
+    out = tmp_path / "x"
+    result = invoke("export-synthetic", "--model", name, "--out", str(out), "--quick")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
+        result.stderr
+    assert f"--model {name} is a glm4_moe model" in lines[0]
+    assert lines[0].endswith(f"export one of {', '.join(swift_names())}")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was built or written

@@ -10,11 +10,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
 
 from bench.cli import main as bench_main
 from bench.models import build_synthetic, model_config
-from bench.parity import cast, compare, random_tokens, trace
+from bench.parity import cast, compare, models_for, random_tokens, trace
 from mobilemoe_mlx.model import split_at
+from mobilemoe_mlx.runtime import current as current_runtime
 
 LAYERS = 4
 
@@ -171,3 +173,48 @@ def test_cli_exits_3_when_parity_fails(monkeypatch):
     monkeypatch.setitem(parity.THRESHOLDS, "float32", strict)
     r = _bench("parity", "--model", "tiny", "--tokens", "8", "--decode", "2")
     assert r.exit_code == 3 and "parity: FAILED: layer 0 is the first to diverge" in r.output
+
+
+def _bits(model) -> dict:
+    """Every parameter as (dtype, shape, raw bytes): equal only if bit for bit equal."""
+    return {k: (v.dtype, v.shape, np.array(v.view(mx.uint8)).tobytes())
+            for k, v in tree_flatten(model.parameters())}
+
+
+def _recording(monkeypatch, name, model_of):
+    """Wrap bench.parity's builder or loader `name`: each call's model's bits
+    (_bits), as it was made, before anything else touches it."""
+    import bench.parity
+
+    made, real = [], getattr(bench.parity, name)
+
+    def record(*args, **kwargs):
+        result = real(*args, **kwargs)
+        made.append(_bits(model_of(result)))
+        return result
+
+    monkeypatch.setattr(bench.parity, name, record)
+    return made
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "float16"])
+def test_a_presets_weights_are_built_once_and_copied_bit_for_bit(monkeypatch, dtype):
+    builds = _recording(monkeypatch, "build_synthetic", lambda built: built.model)
+    model, reference = models_for("tiny", dtype, seed=7, layers=2)
+    # One build; the reference is that build bit for bit, and the model under
+    # test its cast (to this backend's dtype when none is given).
+    assert len(builds) == 1 and _bits(reference) == builds[0]
+    # Two models (trace() swaps a model's layers), none of their arrays shared.
+    assert model.model.layers[0] is not reference.model.layers[0]
+    assert not {id(v) for _, v in tree_flatten(model.parameters())} & \
+        {id(v) for _, v in tree_flatten(reference.parameters())}
+    cast(reference, dtype or current_runtime().compute_dtype)
+    assert _bits(model) == _bits(reference)
+
+
+def test_a_converted_directory_is_loaded_once_and_copied_bit_for_bit(monkeypatch,
+                                                                      synthetic_tiny):
+    loads = _recording(monkeypatch, "load_converted", lambda loaded: loaded[0])
+    model, reference = models_for(str(synthetic_tiny), None, seed=0)
+    assert len(loads) == 1 and _bits(reference) == _bits(model) == loads[0]
+    assert model.model.layers[0] is not reference.model.layers[0]
