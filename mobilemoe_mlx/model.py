@@ -103,6 +103,24 @@ def split_at(a: mx.array, index: int, axis: int) -> Tuple[mx.array, mx.array]:
     return a[lead + (slice(None, index),)], a[lead + (slice(index, None),)]
 
 
+def heads_first(a: mx.array, n: int) -> mx.array:
+    """[B, L, n * hd] -> [B, n, L, hd]. One token (a decode step) needs no
+    transpose: with L = 1 the reshape alone gives that layout, one view fewer
+    per use (a decode step's host time goes by its number of operations)."""
+    B, L, _ = a.shape
+    if L == 1:
+        return a.reshape(B, n, 1, -1)
+    return a.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+
+
+def heads_merged(a: mx.array) -> mx.array:
+    """[B, n, L, hd] -> [B, L, n * hd], the inverse of heads_first."""
+    B, _, L, _ = a.shape
+    if L == 1:
+        return a.reshape(B, 1, -1)
+    return a.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
 def halves(a: mx.array) -> Tuple[mx.array, mx.array]:
     """The first and second half of the last axis (gate and up)."""
     assert a.shape[-1] % 2 == 0, "gate and up are stored as two halves of one width"
@@ -196,31 +214,37 @@ class Attention(_Fusable):
         )
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        B, L, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
         offset = cache.offset if cache is not None else 0
         if self.is_fused():
             # One matmul, then q and k heads rotated and normalised together
             # (both are per head and per position: one RoPE and one RMS-norm
             # kernel for both, with the same values as two of each).
-            qkv = self.qkv_proj(x).reshape(B, L, h + 2 * hkv, -1).transpose(0, 2, 1, 3)
+            qkv = heads_first(self.qkv_proj(x), h + 2 * hkv)
             qk, v = split_at(qkv, h + hkv, axis=1)
-            qk = mx.fast.rms_norm(self.rope(qk, offset=offset), None, self.eps)
+            qk = mx.fast.rms_norm(self.rotate(qk, offset, cache), None, self.eps)
             q, k = split_at(qk, h, axis=1)
         else:
-            q = self.q_proj(x).reshape(B, L, h, -1).transpose(0, 2, 1, 3)
-            k = self.k_proj(x).reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
-            v = self.v_proj(x).reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
+            q = heads_first(self.q_proj(x), h)
+            k = heads_first(self.k_proj(x), hkv)
+            v = heads_first(self.v_proj(x), hkv)
             # QK-norm has no learned scale; per-head RMS commutes with the rotation.
-            q = mx.fast.rms_norm(self.rope(q, offset=offset), None, self.eps)
-            k = mx.fast.rms_norm(self.rope(k, offset=offset), None, self.eps)
+            q = mx.fast.rms_norm(self.rotate(q, offset, cache), None, self.eps)
+            k = mx.fast.rms_norm(self.rotate(k, offset, cache), None, self.eps)
 
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(
-            q, k, v, cache=cache, scale=self.scale, mask=mask
-        )
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        attend = getattr(cache, "attend", None)  # the compiled step's, on the CPU
+        if attend is not None:
+            out = attend(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(heads_merged(out))
+
+    def rotate(self, x: mx.array, offset, cache) -> mx.array:
+        """RoPE: MLX's fast.rope, or the compiled decode step's table (CPU)."""
+        table = getattr(cache, "rotary", None)
+        return self.rope(x, offset=offset) if table is None else table.rotate(x)
 
 
 class ExpertLinear(nn.Module):
@@ -235,9 +259,10 @@ class ExpertLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, input_dims, output_dims))
 
-    def __call__(self, x, indices, sorted_indices=False):
+    def __call__(self, x, indices, sorted_indices=False, rows=None):
         return mx.gather_mm(
-            x, self.weight, rhs_indices=indices, sorted_indices=sorted_indices
+            x, self.weight, lhs_indices=rows, rhs_indices=indices,
+            sorted_indices=sorted_indices
         )
 
     def to_quantized(self, group_size: int = 32, bits: int = 4, mode: str = "affine"):
@@ -261,12 +286,13 @@ class QuantizedExpertLinear(nn.Module):
         self.biases = mx.zeros_like(self.scales)
         self.freeze()
 
-    def __call__(self, x, indices, sorted_indices=False):
+    def __call__(self, x, indices, sorted_indices=False, rows=None):
         return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
             self.biases,
+            lhs_indices=rows,
             rhs_indices=indices,
             transpose=False,
             group_size=self.group_size,
@@ -286,8 +312,10 @@ class RoutedExperts(nn.Module):
         self.down_proj = ExpertLinear(i, d, e)
         self.sort_threshold = args.expert_sort_threshold
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        # x: [B, L, D], indices: [B, L, K] -> [B, L, K, D]
+    def __call__(self, x: mx.array, indices: mx.array, rows=None) -> mx.array:
+        """x: [B, L, D], indices: [B, L, K] -> [B, L, K, D]. `rows`: the two
+        projections' lhs indices (ExpertRows), given as constants by the
+        compiled decode step instead of built in every step's graph."""
         x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, D]: one row per token
         do_sort = indices.size >= self.sort_threshold
         idx, inv_order = indices, None
@@ -299,8 +327,9 @@ class RoutedExperts(nn.Module):
             order = mx.argsort(flat)
             inv_order = mx.argsort(order)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
-        gate, up = halves(self.gate_up_proj(x, idx, sorted_indices=do_sort))
-        y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
+        first, second = (None, None) if rows is None or do_sort else rows
+        gate, up = halves(self.gate_up_proj(x, idx, sorted_indices=do_sort, rows=first))
+        y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort, rows=second)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
         return y.squeeze(-2)
@@ -357,11 +386,12 @@ class MoE(nn.Module):
         self.report(indices)
         return y
 
-    def forward(self, x: mx.array) -> Tuple[mx.array, mx.array]:
+    def forward(self, x: mx.array, rows=None) -> Tuple[mx.array, mx.array]:
         """The block's output [B, L, D] and the experts it chose [B, L, K]."""
         logits = self.router(x.astype(mx.float32))  # [B, L, E]
         indices, weights = select_experts(logits, self.expert_bias, self.top_k, self.scaling)
-        y = combine_experts(self.experts(x, indices), weights, self.shared_expert(x))
+        routed = self.experts(x, indices) if rows is None else self.experts(x, indices, rows)
+        y = combine_experts(routed, weights, self.shared_expert(x))
         return y, indices
 
     @property
@@ -404,7 +434,8 @@ class DecoderLayer(nn.Module):
         the compiled decode step returns them, and reports them after it runs
         (observers called while it is traced would keep placeholders)."""
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        y, indices = self.feed_forward.forward(self.post_attention_layernorm(h))
+        rows = getattr(cache, "expert_rows", None)
+        y, indices = self.feed_forward.forward(self.post_attention_layernorm(h), rows)
         return h + y, indices
 
 
@@ -431,15 +462,106 @@ class StaticKV:
     buffers (preallocated 256 positions at a time), written at an array
     offset, and read whole. Every step of a buffer size then has the same
     shapes, so one traced graph serves them all; the positions past the offset
-    are masked out (`decode_mask`)."""
+    are masked out (`decode_mask`). `rotary` (the step's RoPE rows) and
+    `attend` (decode_attention) stand in for fast.rope and fast attention on
+    the CPU (see RotaryTable), None elsewhere; `expert_rows` are the experts'
+    lhs indices."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+    def __init__(self, keys, values, offset, rotary=None, expert_rows=None):
         self.keys, self.values, self.offset = keys, values, offset
+        self.rotary, self.expert_rows = rotary, expert_rows
+        self.attend = None if rotary is None else decode_attention
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
         self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
         return self.keys, self.values
+
+
+class RotaryTable:
+    """RoPE for the compiled decode step on MLX's CPU backend, computed once
+    a step instead of once a layer. There fast.rope is no kernel: MLX builds
+    it from ~13 primitives per call (positions, frequencies, cos, sin, the
+    rotation), and a decode step's host time goes by its number of
+    operations. Here the rope module rotates one unit pair (1, 0) per
+    frequency at the step's position, giving that position's cos and sin (the
+    very values fast.rope computes), and each layer rotates with one matmul
+    and one fused multiply-add. On a GPU, fast.rope is one kernel and stays.
+
+    The rotation of a pair (x0, x1) is (x0 c - x1 s, x0 s + x1 c) =
+    x * cos + (x @ swap) * sin, `swap` taking (x0, x1) to (-x1, x0) exactly."""
+
+    def __init__(self, rope: nn.Module, dims: int, dtype: mx.Dtype):
+        self.rope = rope
+        unit = mx.zeros((1, 1, 1, dims), dtype=dtype)
+        unit[..., ::2] = 1
+        swap = mx.zeros((dims, dims), dtype=dtype)
+        pairs = mx.arange(0, dims, 2)
+        swap[pairs + 1, pairs] = -1
+        swap[pairs, pairs + 1] = 1
+        self.unit, self.swap = unit, swap
+        mx.eval(self.unit, self.swap)
+
+    def at(self, offset: mx.array) -> "RotaryRows":
+        rows = self.rope(self.unit, offset=offset)  # (c0, s0, c1, s1, ...)
+        cos = mx.repeat(rows[..., ::2], 2, axis=-1)
+        sin = mx.repeat(rows[..., 1::2], 2, axis=-1)
+        return RotaryRows(cos, sin, self.swap)
+
+
+class RotaryRows:
+    """One position's rows of a RotaryTable, shared by every layer of a step."""
+
+    def __init__(self, cos: mx.array, sin: mx.array, swap: mx.array):
+        self.cos, self.sin, self.swap = cos, sin, swap
+
+    def rotate(self, x: mx.array) -> mx.array:
+        return x * self.cos + (x @ self.swap) * self.sin
+
+
+class DecodeConstants:
+    """What the compiled decode step of `model` takes as made-once arrays
+    rather than building them in every step's graph."""
+
+    def __init__(self, model: "Model"):
+        self.top_k = model.args.num_experts_per_tok
+        self._rows: Dict[int, Tuple[mx.array, mx.array]] = {}
+        self.rotary = None
+        if mx.default_device().type == mx.DeviceType.cpu:  # see RotaryTable
+            attn = model.layers[0].self_attn
+            self.rotary = RotaryTable(attn.rope, attn.head_dim, model.model.norm.weight.dtype)
+
+    def rotary_rows(self, offset: mx.array) -> Optional[RotaryRows]:
+        return None if self.rotary is None else self.rotary.at(offset)
+
+    def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
+        """The lhs indices gather_qmm builds itself (an arange, reshaped and
+        broadcast, in every layer of every step) for one-token steps: each
+        (token, expert) pair's token row for the first projection, the pair's
+        own row for the second."""
+        if batch not in self._rows:
+            k = self.top_k
+            token = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None],
+                                    (batch, 1, k))
+            pair = mx.arange(batch * k, dtype=mx.uint32).reshape(batch, 1, k)
+            self._rows[batch] = (mx.contiguous(token), pair)
+            mx.eval(self._rows[batch])
+        return self._rows[batch]
+
+
+def decode_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:
+    """One query per head over whole KV buffers, for the compiled step on the
+    CPU, where fast.scaled_dot_product_attention is no kernel either: the
+    same matmul, masked precise softmax and matmul as MLX's own fallback,
+    without its broadcasts for grouped heads (the query heads of a KV head
+    share a row block) and with the scale folded into the masking.
+    q: [B, H, 1, hd], k and v: [B, Hkv, C, hd] -> [B, H, 1, hd]."""
+    B, H, _, hd = q.shape
+    hkv = k.shape[1]
+    scores = q.reshape(B, hkv, H // hkv, hd) @ k.swapaxes(-1, -2)  # [B, Hkv, H/Hkv, C]
+    scores = mx.where(mask, scores * scale, -mx.inf)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ v).reshape(B, H, 1, hd)
 
 
 def decode_mask(offset: mx.array, capacity: int) -> mx.array:
@@ -490,11 +612,13 @@ class Model(nn.Module):
             # of the step's host time on MLX's CPU). So the trace is dropped
             # whenever the weights change through the model (update,
             # update_modules, and so load_weights, apply, nn.quantize, fuse).
-            mx.eval(self.parameters())  # constants must be computed arrays
+            mx.eval(self.state)  # constants must be computed arrays (RoPE tables too)
+            self._constants = DecodeConstants(self)
             self._decode_step = mx.compile(self._static_decode)
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         logits, buffers, chosen = self._decode_step(
-            inputs, offset, [(c.keys, c.values) for c in cache])
+            inputs, offset, [(c.keys, c.values) for c in cache],
+            self._constants.expert_rows(inputs.shape[0]))
         for c, (keys, values) in zip(cache, buffers):
             c.keys, c.values = keys, values
             c.offset += 1
@@ -502,8 +626,9 @@ class Model(nn.Module):
             layer.feed_forward.report(indices)
         return logits
 
-    def _static_decode(self, inputs, offset, buffers):
-        caches = [StaticKV(k, v, offset) for k, v in buffers]
+    def _static_decode(self, inputs, offset, buffers, rows):
+        rotary = self._constants.rotary_rows(offset)
+        caches = [StaticKV(k, v, offset, rotary, rows) for k, v in buffers]
         mask = decode_mask(offset, buffers[0][0].shape[2])
         h, chosen = self.model.embed_tokens(inputs), []
         for layer, c in zip(self.layers, caches):
