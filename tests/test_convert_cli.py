@@ -297,6 +297,6 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     )
     out = tmp_path / "nested" / "out"
     result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=300)  # bounds a hang only
     assert result.returncode == 128 + 15, result.stderr
     assert not (tmp_path / "nested").exists()  # the parent it created is gone too
