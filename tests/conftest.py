@@ -13,6 +13,7 @@ except in the GPU tier (`-m gpu`), whose tests run on MLX's GPU where it has one
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict
@@ -23,6 +24,13 @@ import pytest
 
 if TYPE_CHECKING:  # pytest puts this directory on sys.path (tests/ is not a package)
     import checkpoints as ck
+
+# Ctrl-C raises KeyboardInterrupt here however pytest was started: a shell
+# without job control starts a background job (`pytest &`, CI runners, a
+# script's `&`) with SIGINT ignored, and Python then keeps ignoring it, so the
+# tests that send Ctrl-C to themselves saw nothing (4 failed so on a busy
+# machine). Children then start with the default handler as well.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The default and end-to-end tiers pin the CPU (for collection too); the GPU
 # tier's tests get the GPU back for their run (`_gpu_tier_on_the_gpu`).
