@@ -390,8 +390,7 @@ class MoE(nn.Module):
         """The block's output [B, L, D] and the experts it chose [B, L, K]."""
         logits = self.router(x.astype(mx.float32))  # [B, L, E]
         indices, weights = select_experts(logits, self.expert_bias, self.top_k, self.scaling)
-        routed = self.experts(x, indices) if rows is None else self.experts(x, indices, rows)
-        y = combine_experts(routed, weights, self.shared_expert(x))
+        y = combine_experts(self.experts(x, indices, rows), weights, self.shared_expert(x))
         return y, indices
 
     @property
