@@ -118,7 +118,8 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
         check_converted(path)
     try:
         model, config = load_model(
-            path, lazy=lazy, model_config={"model_file": None},
+            # float32_on_cpu: this function casts (or not) itself, below.
+            path, lazy=lazy, model_config={"model_file": None, "float32_on_cpu": False},
             get_model_classes=lambda config: (Model, ModelArgs),
         )
     except json.JSONDecodeError as e:

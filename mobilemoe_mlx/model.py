@@ -80,6 +80,9 @@ class ModelArgs(BaseModelArgs):
     fuse_projections: bool = True
     # Run one-token decode steps as one compiled function (see Model.__call__).
     compiled_decode: bool = True
+    # Where MLX runs on the CPU, cast floating weights to float32 as they load
+    # (see Model.sanitize). mobilemoe_mlx's own loader turns this off and decides itself.
+    float32_on_cpu: bool = True
 
     def __post_init__(self):
         if self.rope_scaling is None and self.rope_parameters is not None:
@@ -138,7 +141,8 @@ def _stacked(linears: List[nn.QuantizedLinear]) -> nn.QuantizedLinear:
     fused = nn.QuantizedLinear(first.weight.shape[1] * 32 // first.bits, out, False,
                                first.group_size, first.bits, first.mode)
     for name in ("weight", "scales", "biases"):
-        setattr(fused, name, mx.concatenate([getattr(m, name) for m in linears]))
+        if first.get(name) is not None:  # the microscaling modes have no biases
+            setattr(fused, name, mx.concatenate([getattr(m, name) for m in linears]))
     return fused
 
 
@@ -180,8 +184,9 @@ class _Fusable(nn.Module):
                      weights[f"{n}.scales"].dtype) for n in names}) != 1:
                 return
             for r in ("weight", "scales", "biases"):
-                weights[f"{prefix}.{self.fused}.{r}"] = mx.concatenate(
-                    [weights.pop(f"{n}.{r}") for n in names])
+                if f"{names[0]}.{r}" in weights:  # the microscaling modes have no biases
+                    weights[f"{prefix}.{self.fused}.{r}"] = mx.concatenate(
+                        [weights.pop(f"{n}.{r}") for n in names])
         linears = [getattr(self, p) for p in self.parts]
         out = sum(m.weight.shape[0] for m in linears)
         setattr(self, self.fused, nn.Linear(linears[0].weight.shape[1], out, bias=False))
@@ -265,33 +270,59 @@ class ExpertLinear(nn.Module):
             sorted_indices=sorted_indices
         )
 
-    def to_quantized(self, group_size: int = 32, bits: int = 4, mode: str = "affine"):
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None,
+                     mode: str = "affine"):
         num_experts, input_dims, output_dims = self.weight.shape
         q = QuantizedExpertLinear(
             input_dims, output_dims, num_experts, group_size, bits, mode
         )
-        q.weight, q.scales, q.biases = mx.quantize(
-            self.weight, group_size, bits, mode=mode
+        q.weight, q.scales, *biases = mx.quantize(
+            self.weight, q.group_size, q.bits, mode=mode
         )
+        if biases:
+            q.biases = biases[0]
         return q
 
 
+# mx.quantize's (group size, bits) when a caller names none: mlx-lm's mixed
+# recipes and per-layer config entries pass None. The microscaling modes allow
+# exactly these; only "affine" takes others.
+QUANT_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
 class QuantizedExpertLinear(nn.Module):
-    def __init__(self, input_dims, output_dims, num_experts, group_size, bits, mode):
+    """ExpertLinear quantized in any mode of mx.quantize. Groups run along
+    `out` (the last axis of [E, in, out]); "affine" stores scales and biases
+    in the float dtype, the microscaling modes (mxfp4, nvfp4, mxfp8) uint8
+    scales and no biases."""
+
+    def __init__(self, input_dims, output_dims, num_experts, group_size=None, bits=None,
+                 mode="affine"):
         super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        words = output_dims * bits // 32
+        if mode not in QUANT_MODE_DEFAULTS:
+            raise ValueError(f"unknown quantization mode {mode!r}; "
+                             f"choose one of {', '.join(QUANT_MODE_DEFAULTS)}")
+        default_group_size, default_bits = QUANT_MODE_DEFAULTS[mode]
+        self.group_size, self.bits = group_size or default_group_size, bits or default_bits
+        self.mode = mode
+        words = output_dims * self.bits // 32
+        groups = (num_experts, input_dims, output_dims // self.group_size)
         self.weight = mx.zeros((num_experts, input_dims, words), dtype=mx.uint32)
-        self.scales = mx.zeros((num_experts, input_dims, output_dims // group_size))
-        self.biases = mx.zeros_like(self.scales)
+        self.scales = mx.zeros(groups, dtype=mx.float32 if mode == "affine" else mx.uint8)
+        if mode == "affine":
+            self.biases = mx.zeros(groups)
         self.freeze()
 
     def __call__(self, x, indices, sorted_indices=False, rows=None):
+        if self.training and "biases" in self:
+            # No `rows` here: those come from the compiled decode step only.
+            return _expert_qmm(x, self.weight, self.scales, self.biases, indices,
+                               self.group_size, self.bits)
         return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
-            self.biases,
+            self.get("biases"),
             lhs_indices=rows,
             rhs_indices=indices,
             transpose=False,
@@ -300,6 +331,44 @@ class QuantizedExpertLinear(nn.Module):
             mode=self.mode,
             sorted_indices=sorted_indices,
         )
+
+
+def _expert_qmm(x, weight, scales, biases, indices, group_size: int, bits: int):
+    """gather_qmm (affine, transpose=False) with gradients for `scales` and
+    `biases`: what mlx-lm's DWQ trains. MLX's own gather_qmm gradients assume
+    the transposed layout (groups along `in`) and come out misshapen for ours.
+    Used in training mode only; inference takes the plain kernel."""
+
+    @mx.custom_function
+    def qmm(x, scales, biases):
+        return mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=False,
+                             group_size=group_size, bits=bits)
+
+    @qmm.vjp
+    def qmm_vjp(primals, cotangent, _):
+        x, scales, biases = primals
+        dx = mx.gather_qmm(cotangent, weight, scales, biases, rhs_indices=indices,
+                           transpose=True, group_size=group_size, bits=bits)
+        dx = _sum_to_shape(dx, x.shape)
+        # d/dW of x @ W[e] per expert, through gather_mm's own (dense) gradient.
+        dense = mx.dequantize(weight, scales, biases, group_size, bits)
+        _, (dw,) = mx.vjp(lambda w: mx.gather_mm(x, w, rhs_indices=indices), [dense],
+                          [cotangent])
+        dw = mx.unflatten(dw, -1, (-1, group_size))  # [E, in, groups, group_size]
+        codes = mx.unflatten(mx.dequantize(weight, mx.ones_like(scales), mx.zeros_like(biases),
+                                           group_size, bits), -1, (-1, group_size))
+        return dx, (dw * codes).sum(-1).astype(scales.dtype), dw.sum(-1).astype(biases.dtype)
+
+    return qmm(x, scales, biases)
+
+
+def _sum_to_shape(a: mx.array, shape) -> mx.array:
+    """`a` summed over the axes broadcasting added to `shape` (a gradient's shape)."""
+    extra = a.ndim - len(shape)
+    if extra:
+        a = a.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return a.sum(axis=axes, keepdims=True) if axes else a
 
 
 class RoutedExperts(nn.Module):
@@ -368,6 +437,18 @@ def select_experts(logits: mx.array, expert_bias: mx.array, top_k: int, scaling:
     return indices, weights / (weights.sum(-1, keepdims=True) + 1e-20) * scaling
 
 
+class Router(nn.Linear):
+    """The MoE router: an nn.Linear that no quantizer can take. It has no
+    `to_quantized`, which is what mlx-lm's quantizers look for (convert's
+    mixed recipes and dynamic_quant replace the model's quant_predicate with
+    their own; gptq and AWQ's fallback quantize every layer that has one), so
+    it stays float32 and unquantized whatever quantizes the model."""
+
+    @property
+    def to_quantized(self):
+        raise AttributeError("the router stays float32 and unquantized")
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -376,7 +457,7 @@ class MoE(nn.Module):
         e = args.num_local_experts
         # Router weight and bias stay float32 whatever the model dtype: routing
         # decisions are discrete, and rounding flips which experts run.
-        self.router = nn.Linear(args.hidden_size, e, bias=False)
+        self.router = Router(args.hidden_size, e, bias=False)
         self.expert_bias = mx.zeros((e,), dtype=mx.float32)
         self.experts = RoutedExperts(args)
         self.shared_expert = MLP(args.hidden_size, args.intermediate_size_mlp)
@@ -669,13 +750,30 @@ class Model(nn.Module):
         head some exporters add is dropped (the embedding is the head). Then,
         unless `fuse_projections` is off, quantized q/k/v and shared gate/up
         tensors are stacked and the module tree set up to take them (mlx-lm's
-        loader calls this before it quantizes and loads the weights)."""
+        loader calls this before it quantizes and loads the weights).
+
+        Where MLX runs on the CPU, floating weights (quantized layers' scales
+        and biases too) are cast to float32 first, as mobilemoe_mlx.load()
+        does: MLX's CPU kernels run float16 and bfloat16 tens of times slower
+        (docs/mlx-lm-quantizers.md has mlx_lm.generate's figures) and have
+        gather_mm in float32 only. So mlx-lm's tools run a float16 directory at
+        float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
+        saves what it loaded (mlx_lm.convert without --dtype, the quantizers)
+        then saves float32 floats there."""
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        if self.args.float32_on_cpu and mx.default_device().type == mx.DeviceType.cpu:
+            weights = {k: _as_float32(v) for k, v in weights.items()}
         if self.args.fuse_projections:
             for module, prefix in self.fusable():
                 module.fuse_weights(weights, prefix)
         return weights
 
+
+
+def _as_float32(a: mx.array) -> mx.array:
+    if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
+        return a.astype(mx.float32)
+    return a
 
 
 def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
