@@ -307,11 +307,12 @@ def validate_config(config: Any) -> None:
 def check_config_fits(config: Dict[str, Any], stored_bytes: int, where: str) -> None:
     """Refuse a config whose shapes need more bytes than the weights hold.
 
-    Every parameter takes at least half a byte (INT4), so a config implying
-    more than twice as many parameters as there are bytes cannot belong to
-    these weights (say, num_hidden_layers edited to a million)."""
+    Every parameter takes at least one bit (MLX quantizes to as few as 1;
+    mlx-lm's mixed_2_6 recipe to 2), so a config implying more than eight
+    times as many parameters as there are bytes cannot belong to these
+    weights (say, num_hidden_layers edited to a million)."""
     params = analytic.param_counts(config)["total"]  # arithmetic alone: nothing is built
-    if params // 2 > stored_bytes + stored_bytes // 64 + 4096:
+    if params // 8 > stored_bytes + stored_bytes // 64 + 4096:
         raise UserError(
             f"config.json describes {params:,} parameters ({config['num_hidden_layers']} "
             f"layers of hidden size {config['hidden_size']}), but {where} holds only "

@@ -285,6 +285,8 @@ def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYT
                   disable=not progress) as bar:
             files = write_model(tmp, groups, max_shard_bytes, bar.update)
         cfg = converted_config(c.config, c.quantization, c.layout)
+        # The dtype written, not the source's: mlx_lm.convert saves in it by default.
+        cfg["torch_dtype"] = c.dtype
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         shutil.copy2(Path(__file__).with_name("model.py"), tmp / MODEL_FILE)
         copied = _copy_tokenizer(c.tokenizer_dir, tmp)

@@ -25,8 +25,10 @@ E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -350,10 +352,12 @@ def _expert_qmm(x, weight, scales, biases, indices, group_size: int, bits: int):
         dx = mx.gather_qmm(cotangent, weight, scales, biases, rhs_indices=indices,
                            transpose=True, group_size=group_size, bits=bits)
         dx = _sum_to_shape(dx, x.shape)
-        # d/dW of x @ W[e] per expert, through gather_mm's own (dense) gradient.
-        dense = mx.dequantize(weight, scales, biases, group_size, bits)
-        _, (dw,) = mx.vjp(lambda w: mx.gather_mm(x, w, rhs_indices=indices), [dense],
-                          [cotangent])
+        # d/dW of x @ W[e] per expert, through gather_mm's own (dense) gradient,
+        # in float32 (DWQ trains bfloat16 scales; the CPU's gather_mm is float32 only).
+        f32 = mx.float32
+        dense = mx.dequantize(weight, scales.astype(f32), biases.astype(f32), group_size, bits)
+        _, (dw,) = mx.vjp(lambda w: mx.gather_mm(x.astype(f32), w, rhs_indices=indices),
+                          [dense], [cotangent.astype(f32)])
         dw = mx.unflatten(dw, -1, (-1, group_size))  # [E, in, groups, group_size]
         codes = mx.unflatten(mx.dequantize(weight, mx.ones_like(scales), mx.zeros_like(biases),
                                            group_size, bits), -1, (-1, group_size))
@@ -459,6 +463,11 @@ class MoE(nn.Module):
         # decisions are discrete, and rounding flips which experts run.
         self.router = Router(args.hidden_size, e, bias=False)
         self.expert_bias = mx.zeros((e,), dtype=mx.float32)
+        # Frozen, so tools that train what is trainable (mlx_lm.dwq trains and
+        # casts to bfloat16 every unfrozen parameter) leave both as they are;
+        # full fine-tuning unfreezes the whole model and trains them in float32.
+        self.router.freeze()
+        self.freeze(recurse=False, keys=["expert_bias"])
         self.experts = RoutedExperts(args)
         self.shared_expert = MLP(args.hidden_size, args.intermediate_size_mlp)
 
@@ -760,6 +769,7 @@ class Model(nn.Module):
         float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
         saves what it loaded (mlx_lm.convert without --dtype, the quantizers)
         then saves float32 floats there."""
+        _refuse_unsupported_tools()
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         if self.args.float32_on_cpu and mx.default_device().type == mx.DeviceType.cpu:
             weights = {k: _as_float32(v) for k, v in weights.items()}
@@ -768,6 +778,26 @@ class Model(nn.Module):
                 module.fuse_weights(weights, prefix)
         return weights
 
+
+
+def _refuse_unsupported_tools() -> None:
+    """Stop mlx-lm's tools that cannot quantize this model, in one line and
+    before they work: their loaders call `sanitize`, which calls this.
+
+    mlx_lm.awq knows the architectures its own table names (which norm feeds
+    which projections, to fold its scales into) and has none for MobileMoE;
+    its scaling and clipping also assume weights laid out [..., out, in],
+    while the routed experts are stored [E, in, out]. A quiet fallback would
+    quantize without AWQ, so it is refused instead."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if Path(frame.f_code.co_filename).match("mlx_lm/quant/awq.py"):
+            raise SystemExit(
+                "error: mlx_lm.awq has no MobileMoE configuration (it folds scales by "
+                "per-architecture tables, and its routed experts are stored [E, in, out]); "
+                "quantize with mlx_lm.convert -q, mlx_lm.gptq, mlx_lm.dynamic_quant or "
+                "mlx_lm.dwq instead")
+        frame = frame.f_back
 
 
 def _as_float32(a: mx.array) -> mx.array:

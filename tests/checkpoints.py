@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -238,9 +238,10 @@ def write_qat(out: Path, seed: int = 1) -> Checkpoint:
     return Checkpoint(out, config, ref, qat)
 
 
-def write_bf16(out: Path, seed: int = 1) -> Checkpoint:
-    """(b) bf16 with fused experts, one model.safetensors."""
-    config = tiny_config()
+def write_bf16(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkpoint:
+    """(b) bf16 with fused experts, one model.safetensors; `config`: another
+    shape than the tiny preset's (tiny_config() with fields changed)."""
+    config = config or tiny_config()
     tensors, ref = bf16_tensors(config, seed)
     _write_common(out, config)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
