@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.quant import dwq, dynamic_quant, gptq
 from mlx_lm.utils import load as mlx_lm_load
@@ -36,15 +37,19 @@ def tool_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def float_dir(tmp_path_factory) -> Path:
-    """`tool_config()`'s bf16 checkpoint (tests/checkpoints.py), converted
-    unquantized to float32: what every quantizer here starts from."""
+def tool_checkpoint(tmp_path_factory) -> Path:
+    """`tool_config()`'s checkpoint in the released bf16 layout (tests/checkpoints.py)."""
     import checkpoints as ck
 
-    root = tmp_path_factory.mktemp("tool-model")
-    ckpt = ck.write_bf16(root / "src", config=tool_config())
-    return Path(convert(str(ckpt.path), str(root / "float"), quantize=False, dtype="float32",
-                        progress=False))
+    return ck.write_bf16(tmp_path_factory.mktemp("tool-model") / "src", config=tool_config()).path
+
+
+@pytest.fixture(scope="module")
+def float_dir(tool_checkpoint) -> Path:
+    """The tool checkpoint converted unquantized to float32: what every
+    quantizer here starts from."""
+    return Path(convert(str(tool_checkpoint), str(tool_checkpoint.parent / "float"),
+                        quantize=False, dtype="float32", progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +222,18 @@ def test_awq_refuses_in_one_line(float_dir, tmp_path, monkeypatch, capsys):
     message = str(refused.value.code)
     assert message.startswith("error: mlx_lm.awq ") and "\n" not in message
     assert not (tmp_path / "awq").exists()
+
+
+def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, tokens):
+    """The model file's sanitize casts as load() does where MLX runs on the CPU
+    (these tests' backend): float16 there runs tens of times slower."""
+    half = Path(convert(str(tool_checkpoint), str(tool_checkpoint.parent / "half"),
+                        dtype="float16", progress=False))
+    stored = mx.load(str(half / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.o_proj.scales"].dtype == mx.float16
+    theirs, _ = mlx_lm_load(str(half), trust_remote_code=True)
+    floats = {k: v.dtype for k, v in tree_flatten(theirs.parameters())
+              if mx.issubdtype(v.dtype, mx.floating)}
+    assert set(floats.values()) == {mx.float32}, floats
+    ours, _ = mobilemoe_mlx.load(str(half), progress=False)
+    np.testing.assert_array_equal(np.array(theirs(tokens)), np.array(ours(tokens)))
