@@ -769,7 +769,7 @@ class Model(nn.Module):
         float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
         saves what it loaded (mlx_lm.convert without --dtype, the quantizers)
         then saves float32 floats there."""
-        _refuse_unsupported_tools()
+        _refuse_unsupported_tools(weights)
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         if self.args.float32_on_cpu and mx.default_device().type == mx.DeviceType.cpu:
             weights = {k: _as_float32(v) for k, v in weights.items()}
@@ -780,24 +780,40 @@ class Model(nn.Module):
 
 
 
-def _refuse_unsupported_tools() -> None:
-    """Stop mlx-lm's tools that cannot quantize this model, in one line and
-    before they work: their loaders call `sanitize`, which calls this.
+def _refuse_unsupported_tools(weights: Dict[str, mx.array]) -> None:
+    """Stop, in one line and before they work, mlx-lm's quantizers that cannot
+    quantize these weights: their loaders call `sanitize`, which calls this.
 
     mlx_lm.awq knows the architectures its own table names (which norm feeds
     which projections, to fold its scales into) and has none for MobileMoE;
     its scaling and clipping also assume weights laid out [..., out, in],
-    while the routed experts are stored [E, in, out]. A quiet fallback would
-    quantize without AWQ, so it is refused instead."""
+    while the routed experts are stored [E, in, out]. mlx_lm.gptq and
+    mlx_lm.dynamic_quant quantize float layers only: on a quantized directory
+    gptq writes the input back unchanged and dynamic_quant fails with a
+    traceback."""
+    tool = _calling_quantizer()
+    if tool == "awq":
+        raise SystemExit(
+            "error: mlx_lm.awq has no MobileMoE configuration (it folds scales by "
+            "per-architecture tables, and its routed experts are stored [E, in, out]); "
+            "quantize with mlx_lm.convert -q, mlx_lm.gptq, mlx_lm.dynamic_quant or "
+            "mlx_lm.dwq instead")
+    if tool in ("gptq", "dynamic_quant") and any(k.endswith(".scales") for k in weights):
+        raise SystemExit(
+            f"error: mlx_lm.{tool} quantizes float weights, and this directory is "
+            "quantized already; give it one converted with `python convert.py SOURCE "
+            "--out DIR --no-quantize`")
+
+
+def _calling_quantizer() -> Optional[str]:
+    """The mlx_lm.quant module (awq, gptq, ...) whose code is loading this model, if any."""
     frame = sys._getframe(1)
     while frame is not None:
-        if Path(frame.f_code.co_filename).match("mlx_lm/quant/awq.py"):
-            raise SystemExit(
-                "error: mlx_lm.awq has no MobileMoE configuration (it folds scales by "
-                "per-architecture tables, and its routed experts are stored [E, in, out]); "
-                "quantize with mlx_lm.convert -q, mlx_lm.gptq, mlx_lm.dynamic_quant or "
-                "mlx_lm.dwq instead")
+        path = Path(frame.f_code.co_filename)
+        if path.parent.name == "quant" and path.parent.parent.name == "mlx_lm":
+            return path.stem
         frame = frame.f_back
+    return None
 
 
 def _as_float32(a: mx.array) -> mx.array:

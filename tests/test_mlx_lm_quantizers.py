@@ -224,6 +224,21 @@ def test_awq_refuses_in_one_line(float_dir, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "awq").exists()
 
 
+@pytest.mark.parametrize("tool", [gptq, dynamic_quant], ids=["gptq", "dynamic_quant"])
+def test_float_quantizers_refuse_a_quantized_directory(synthetic_tiny, tmp_path, monkeypatch,
+                                                        tool):
+    # gptq would write it back unchanged, dynamic_quant fail with a traceback
+    monkeypatch.setattr(tool, "load_data", calibration)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        run_main(tool, monkeypatch, ["--model", str(synthetic_tiny), "--mlx-path",
+                                     str(tmp_path / "out"), "--trust-remote-code"])
+    message = str(refused.value.code)
+    assert message.startswith(f"error: {tool.__name__.replace('.quant', '')} ")
+    assert "--no-quantize" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, tokens):
     """The model file's sanitize casts as load() does where MLX runs on the CPU
     (these tests' backend): float16 there runs tens of times slower."""
