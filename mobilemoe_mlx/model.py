@@ -316,8 +316,9 @@ class QuantizedExpertLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x, indices, sorted_indices=False, rows=None):
-        if self.training and "biases" in self:
-            # No `rows` here: those come from the compiled decode step only.
+        if self.training and "biases" in self and "scales" not in self._no_grad:
+            # Scales being trained (mlx_lm.dwq unfreezes them): gradients of our
+            # own. No `rows` here: those come from the compiled decode step only.
             return _expert_qmm(x, self.weight, self.scales, self.biases, indices,
                                self.group_size, self.bits)
         return mx.gather_qmm(
@@ -339,7 +340,7 @@ def _expert_qmm(x, weight, scales, biases, indices, group_size: int, bits: int):
     """gather_qmm (affine, transpose=False) with gradients for `scales` and
     `biases`: what mlx-lm's DWQ trains. MLX's own gather_qmm gradients assume
     the transposed layout (groups along `in`) and come out misshapen for ours.
-    Used in training mode only; inference takes the plain kernel."""
+    Used only while the scales train; otherwise the plain kernel runs."""
 
     @mx.custom_function
     def qmm(x, scales, biases):

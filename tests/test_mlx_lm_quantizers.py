@@ -195,18 +195,19 @@ def test_dwq_trains_the_experts_scales_and_biases(float_dir):
     x = mx.random.normal((2, 3, 2, 1, tool_config()["intermediate_size"]), key=mx.random.key(1))
     idx = mx.random.randint(0, 8, (2, 3, 2), key=mx.random.key(2)).astype(mx.uint32)
     experts.train()
+    experts.unfreeze(keys=["scales", "biases"], recurse=False)  # as mlx_lm.dwq does
 
-    def through_layer(scales, biases):
+    def through_layer(scales, biases, x):
         experts.scales, experts.biases = scales, biases
         return (experts(x, idx) ** 2).sum()
 
-    def through_dense(scales, biases):
+    def through_dense(scales, biases, x):
         w = mx.dequantize(experts.weight, scales, biases, 64, 4)
         return (mx.gather_mm(x, w, rhs_indices=idx) ** 2).sum()
 
-    args = (experts.scales, experts.biases)
-    got = mx.grad(through_layer, argnums=(0, 1))(*args)
-    want = mx.grad(through_dense, argnums=(0, 1))(*args)
+    args = (experts.scales, experts.biases, x)
+    got = mx.grad(through_layer, argnums=(0, 1, 2))(*args)
+    want = mx.grad(through_dense, argnums=(0, 1, 2))(*args)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
