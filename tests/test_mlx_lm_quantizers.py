@@ -9,6 +9,8 @@ The test model (`tool_checkpoint`): the tiny preset with head_dim 64, so every
 quantized width is a multiple of mlx-lm's default group size (64)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -253,3 +255,18 @@ def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, 
     assert set(floats.values()) == {mx.float32}, floats
     ours, _ = mobilemoe_mlx.load(str(half), progress=False)
     np.testing.assert_array_equal(np.array(theirs(tokens)), np.array(ours(tokens)))
+
+
+@pytest.mark.e2e
+def test_awq_console_command_prints_one_line(float_dir, tmp_path):
+    exe = Path(sys.executable).parent / "mlx_lm.awq"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_lm.quant.awq"]
+    result = subprocess.run(
+        cmd + ["--model", str(float_dir), "--mlx-path", str(tmp_path / "awq"),
+               "--trust-remote-code"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},  # no calibration download
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: mlx_lm.awq ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "awq").exists()
