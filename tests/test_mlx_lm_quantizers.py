@@ -55,15 +55,15 @@ def float_dir(tool_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokens() -> mx.array:
+def tool_tokens() -> mx.array:
     rng = np.random.default_rng(7)
     return mx.array(rng.integers(3, tool_config()["vocab_size"], (2, 16)))
 
 
 @pytest.fixture(scope="module")
-def float_logits(float_dir, tokens) -> np.ndarray:
+def float_logits(float_dir, tool_tokens) -> np.ndarray:
     model, _ = mobilemoe_mlx.load(str(float_dir), progress=False)
-    return np.array(model(tokens))
+    return np.array(model(tool_tokens))
 
 
 def calibration(*_args, **_kwargs) -> mx.array:
@@ -78,7 +78,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def check_quantized(path: Path, tokens: mx.array, float_logits: np.ndarray,
+def check_quantized(path: Path, tool_tokens: mx.array, float_logits: np.ndarray,
                     min_cosine: float) -> dict:
     """The common promise of every quantizer's output `path`; its weights."""
     weights = {}
@@ -100,9 +100,9 @@ def check_quantized(path: Path, tokens: mx.array, float_logits: np.ndarray,
     for model in (theirs, ours):
         router = model.layers[0].feed_forward.router
         assert type(router).__name__ == "Router" and router.weight.dtype == mx.float32
-        got = np.array(model(tokens))
+        got = np.array(model(tool_tokens))
         assert cosine(got, float_logits) >= min_cosine, cosine(got, float_logits)
-    prompt = [int(t) for t in tokens[0, :6]]
+    prompt = [int(t) for t in tool_tokens[0, :6]]
     generated = [[r.token for r in mlx_lm.stream_generate(m, tokenizer, prompt,
                                                           max_tokens=NEW_TOKENS)]
                  for m in (theirs, ours)]
@@ -116,11 +116,11 @@ def check_quantized(path: Path, tokens: mx.array, float_logits: np.ndarray,
 # mxfp4 and nvfp4 0.88, mxfp8 0.98: routing flips weigh on a random model.
 @pytest.mark.parametrize("recipe,min_cosine", [("mixed_2_6", 0.6), ("mixed_3_4", 0.8),
                                                ("mixed_3_6", 0.8), ("mixed_4_6", 0.93)])
-def test_convert_recipe(float_dir, tokens, float_logits, tmp_path, recipe, min_cosine):
+def test_convert_recipe(float_dir, tool_tokens, float_logits, tmp_path, recipe, min_cosine):
     out = tmp_path / recipe
     mlx_lm_convert(str(float_dir), str(out), quantize=True, quant_predicate=recipe,
                    trust_remote_code=True)
-    weights = check_quantized(out, tokens, float_logits, min_cosine)
+    weights = check_quantized(out, tool_tokens, float_logits, min_cosine)
     # the recipe's two widths both happened (6 or 4 bits on some down_proj layers)
     assert len({weights[k].shape[-1] for k in weights
                 if k.endswith("down_proj.weight") and weights[k].dtype == mx.uint32}) > 1
@@ -128,11 +128,11 @@ def test_convert_recipe(float_dir, tokens, float_logits, tmp_path, recipe, min_c
 
 @pytest.mark.parametrize("mode,group_size,min_cosine", [
     ("affine", 64, 0.93), ("mxfp4", 32, 0.8), ("nvfp4", 16, 0.8), ("mxfp8", 32, 0.95)])
-def test_convert_mode(float_dir, tokens, float_logits, tmp_path, mode, group_size, min_cosine):
+def test_convert_mode(float_dir, tool_tokens, float_logits, tmp_path, mode, group_size, min_cosine):
     out = tmp_path / mode
     mlx_lm_convert(str(float_dir), str(out), quantize=True, q_mode=mode,
                    trust_remote_code=True)
-    weights = check_quantized(out, tokens, float_logits, min_cosine)
+    weights = check_quantized(out, tool_tokens, float_logits, min_cosine)
     scales = weights["model.layers.0.feed_forward.experts.down_proj.scales"]
     assert scales.shape[-1] == tool_config()["hidden_size"] // group_size
     assert scales.dtype == (mx.float32 if mode == "affine" else mx.uint8)
@@ -143,24 +143,24 @@ def run_main(module, monkeypatch, argv):
     module.main()
 
 
-def test_gptq(float_dir, tokens, float_logits, tmp_path, monkeypatch):
+def test_gptq(float_dir, tool_tokens, float_logits, tmp_path, monkeypatch):
     monkeypatch.setattr(gptq, "load_data", calibration)
     out = tmp_path / "gptq"
     run_main(gptq, monkeypatch, ["--model", str(float_dir), "--mlx-path", str(out),
                                  "--trust-remote-code"])
-    weights = check_quantized(out, tokens, float_logits, 0.93)
+    weights = check_quantized(out, tool_tokens, float_logits, 0.93)
     # GPTQ's 4 bits on the linears, the 6-bit fallback on the experts
     assert weights["model.layers.0.self_attn.o_proj.weight"].shape[-1] == 256 * 4 // 32
     assert weights["model.layers.0.feed_forward.experts.down_proj.weight"].shape[-1] == 64 * 6 // 32
 
 
-def test_dynamic_quant(float_dir, tokens, float_logits, tmp_path, monkeypatch):
+def test_dynamic_quant(float_dir, tool_tokens, float_logits, tmp_path, monkeypatch):
     monkeypatch.setattr(dynamic_quant, "load_data", calibration)
     monkeypatch.chdir(tmp_path)  # it writes its sensitivities file here
     out = tmp_path / "dynamic"
     run_main(dynamic_quant, monkeypatch, ["--model", str(float_dir), "--mlx-path", str(out),
                                           "--target-bpw", "4.8", "--trust-remote-code"])
-    weights = check_quantized(out, tokens, float_logits, 0.93)
+    weights = check_quantized(out, tool_tokens, float_logits, 0.93)
     # --low-bits 4 and --high-bits 5 (group size 64) both happened, by sensitivity
     bits = {weights[k].shape[-1] * 32 // (weights[k[:-len("weight")] + "scales"].shape[-1] * 64)
             for k in weights if k.endswith(".weight") and weights[k].dtype == mx.uint32}
@@ -168,18 +168,18 @@ def test_dynamic_quant(float_dir, tokens, float_logits, tmp_path, monkeypatch):
 
 
 def dwq_data(*_args, **_kwargs):
-    """What mlx_lm.quant.dwq.load_data returns: (tokens, offset) rows."""
+    """What mlx_lm.quant.dwq.load_data returns: (tool_tokens, offset) rows."""
     rows = [list(map(int, r)) for r in np.array(calibration())]
     return [(r, 0) for r in rows[:6]], [(r, 0) for r in rows[6:]]
 
 
-def test_dwq(float_dir, tokens, float_logits, tmp_path, monkeypatch):
+def test_dwq(float_dir, tool_tokens, float_logits, tmp_path, monkeypatch):
     monkeypatch.setattr(dwq, "load_data", dwq_data)
     out = tmp_path / "dwq"
     run_main(dwq, monkeypatch, ["--model", str(float_dir), "--mlx-path", str(out),
                                 "--batch-size", "2", "--max-seq-length", "33",
                                 "--learning-rate", "1e-4", "--trust-remote-code"])
-    weights = check_quantized(out, tokens, float_logits, 0.93)
+    weights = check_quantized(out, tool_tokens, float_logits, 0.93)
     # It trained the experts' scales: they moved off plain rounding's.
     name = "model.layers.0.feed_forward.experts.down_proj"
     dense = mx.load(str(float_dir / "model.safetensors"))[name + ".weight"]
@@ -242,7 +242,7 @@ def test_float_quantizers_refuse_a_quantized_directory(synthetic_tiny, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, tokens):
+def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, tool_tokens):
     """The model file's sanitize casts as load() does where MLX runs on the CPU
     (these tests' backend): float16 there runs tens of times slower."""
     half = Path(convert(str(tool_checkpoint), str(tool_checkpoint.parent / "half"),
@@ -254,7 +254,7 @@ def test_mlx_lm_runs_a_float16_directory_in_float32_on_the_cpu(tool_checkpoint, 
               if mx.issubdtype(v.dtype, mx.floating)}
     assert set(floats.values()) == {mx.float32}, floats
     ours, _ = mobilemoe_mlx.load(str(half), progress=False)
-    np.testing.assert_array_equal(np.array(theirs(tokens)), np.array(ours(tokens)))
+    np.testing.assert_array_equal(np.array(theirs(tool_tokens)), np.array(ours(tool_tokens)))
 
 
 @pytest.mark.e2e
