@@ -168,7 +168,7 @@ def test_dynamic_quant(float_dir, tool_tokens, float_logits, tmp_path, monkeypat
 
 
 def dwq_data(*_args, **_kwargs):
-    """What mlx_lm.quant.dwq.load_data returns: (tool_tokens, offset) rows."""
+    """What mlx_lm.quant.dwq.load_data returns: (tokens, offset) rows."""
     rows = [list(map(int, r)) for r in np.array(calibration())]
     return [(r, 0) for r in rows[:6]], [(r, 0) for r in rows[6:]]
 
