@@ -3,7 +3,8 @@
 Latency and memory do not depend on weight values, so the benchmark and the
 tests run on these where the gated real checkpoints cannot be had. The config
 says `"synthetic": true`; the tokenizer is a small byte-level BPE with the
-Llama-3 special tokens and chat template.
+Llama-3 special tokens and chat template, its vocabulary filled up to the
+model's with made-up words, so every id a model samples reads as text.
 
 The stop tokens' embedding rows are zero, and since the embedding is also the
 output head their logits are always 0 while some other token's is higher: a
@@ -13,6 +14,7 @@ asked for (what benchmarks and tests need).
     python -m mobilemoe_mlx.synthetic --preset S --layout qat --out DIR
 """
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -56,8 +58,36 @@ Hello! How are you today? I am fine, thank you. What is the capital of France?
 Paris is the capital of France. Water boils at 100 degrees Celsius at sea level."""
 
 
+# Made-up words for the ids past what the corpus trains: consonant-vowel syllables.
+_ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def _words():
+    """Distinct word-like strings in a fixed order: ba, be, ..., zu, baba, babe, ...
+    (every syllable is one consonant and one vowel, so no two spell the same)."""
+    syllables = [c + v for c in _ONSETS for v in _VOWELS]
+    for n in itertools.count(1):
+        for parts in itertools.product(syllables, repeat=n):
+            yield "".join(parts)
+
+
+def _fill_vocabulary(tokenizer_json: str, vocab_size: int) -> str:
+    """The trained tokenizer with its vocabulary filled up to `vocab_size` ids
+    with a leading space and a made-up word each. The merges never produce them,
+    so text encodes as trained; they exist to be decoded: a random model samples
+    every id of its vocabulary, and ids without text would print nothing."""
+    data = json.loads(tokenizer_json)
+    vocab = data["model"]["vocab"]
+    # "\u0120" is how the byte-level alphabet spells a space.
+    fresh = (t for t in ("\u0120" + w for w in _words()) if t not in vocab)
+    extra = list(itertools.islice(fresh, max(0, vocab_size - len(vocab))))
+    vocab.update(zip(extra, range(len(vocab), len(vocab) + len(extra))))
+    return json.dumps(data, ensure_ascii=False)
+
+
 def write_tokenizer(out: Path, vocab_size: int, with_chat_template: bool = True) -> None:
-    """A small byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)."""
+    """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)
+    trained on a short text, with one token for each of `vocab_size` ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -67,6 +97,7 @@ def write_tokenizer(out: Path, vocab_size: int, with_chat_template: bool = True)
         vocab_size=min(vocab_size, 500), special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok = Tokenizer.from_str(_fill_vocabulary(tok.to_str(), vocab_size))
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

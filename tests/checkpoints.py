@@ -7,24 +7,37 @@ an independent check of the converter's name table.
 Every writer returns a `Checkpoint`: where it is, its config, and the float64
 weights (bf16-layout names, fused experts) that tests/reference.py should run,
 i.e. exactly the values stored (bf16-rounded, or q * scale for QAT).
+
+Only the PyTorch pickles need torch: safetensors files are written here from
+NumPy (bf16 as its bits), laid out as the safetensors library lays them out.
+A test that needs torch skips, when it is missing, with `TORCH_MISSING`.
 """
 
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
-import torch
+import pytest
 from reference import QAT_GROUP, pack_int4
-from safetensors.torch import save_file
 
 from mobilemoe_mlx.config import preset_config
 from mobilemoe_mlx.synthetic import write_tokenizer
 
 # The synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>, 2 <|eot_id|>.
 BOS, EOS = 0, [1, 2]
+
+# The one reason every torch-needing test gives when it skips.
+TORCH_MISSING = ("torch is not installed: the PyTorch pickle tests need it "
+                 "(tests/run installs its CPU build)")
+
+
+def import_torch():
+    """torch, or a skip of the calling test with `TORCH_MISSING`."""
+    return pytest.importorskip("torch", reason=TORCH_MISSING)
+
 
 QAT_BLOCK = {
     "format": "mobilemoe-int4-g32", "group_size": 32, "embedding_group_size": 32,
@@ -102,12 +115,67 @@ def _shapes(config: dict):
     return out
 
 
-def _bf16(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+@dataclass(frozen=True)
+class Bf16:
+    """A bfloat16 tensor as its bits (NumPy has no bfloat16)."""
+    bits: np.ndarray  # uint16
+
+    @property
+    def shape(self):
+        return self.bits.shape
 
 
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float32).numpy().astype(np.float64)
+Tensor = Union[np.ndarray, Bf16]  # float32, float16 or uint8 arrays, or bf16
+
+
+def _bf16(a: np.ndarray) -> Bf16:
+    """Rounded to bfloat16 as torch and MLX round: to nearest, ties to even
+    (through float32, as `torch.from_numpy(a.astype(float32)).bfloat16()`)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return Bf16((bits >> 16).astype(np.uint16))
+
+
+def _f64(t: Tensor) -> np.ndarray:
+    if isinstance(t, Bf16):
+        return (t.bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return t.astype(np.float64)
+
+
+def _contiguous(t: Tensor, part) -> Tensor:
+    """`part(t)` (an index or a transpose) as a tensor of its own."""
+    if isinstance(t, Bf16):
+        return Bf16(np.ascontiguousarray(part(t.bits)))
+    return np.ascontiguousarray(part(t))
+
+
+_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(np.uint8): "U8"}
+# The library's order of the data: by dtype, in this order, then by name.
+_DATA_ORDER = ["F32", "BF16", "F16", "U8"]
+
+
+def save_safetensors(tensors: Dict[str, Tensor], path: Path) -> int:
+    """A safetensors file as the safetensors library (and so a release) lays it
+    out: data ordered by dtype then name, a header padded to 8 bytes, the "pt"
+    format metadata. Returns the bytes of tensor data."""
+    data = {n: ("BF16", t.bits) if isinstance(t, Bf16) else (_DTYPE_NAMES[t.dtype], t)
+            for n, t in tensors.items()}
+    order = sorted(data, key=lambda n: (_DATA_ORDER.index(data[n][0]), n))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in order:
+        dtype, a = data[name]
+        header[name] = {"dtype": dtype, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            f.write(np.ascontiguousarray(data[name][1], data[name][1].dtype.newbyteorder("<")))
+    return offset
 
 
 # How much the residual stream carried from the embedding outweighs each
@@ -155,7 +223,7 @@ def _dense_value(rng, name: str, kind: str, shape, fan_in: int) -> np.ndarray:
     return rng.normal(0.0, _std(name, kind, fan_in), shape)
 
 
-def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, np.ndarray]]:
+def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, Tensor], Dict[str, np.ndarray]]:
     """Random bf16-layout tensors (router float32, everything else bf16) and
     their float64 values.
 
@@ -174,7 +242,7 @@ def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, torch.Tensor], Dict
             q, scale = _int4_grid(rng, shape, _std(name, kind, fan_in))
             t = _bf16(_times_scale(q, scale))
         elif kind == "router":
-            t = torch.from_numpy(_dense_value(rng, name, kind, shape, fan_in).astype(np.float32))
+            t = _dense_value(rng, name, kind, shape, fan_in).astype(np.float32)
         else:
             t = _bf16(_dense_value(rng, name, kind, shape, fan_in))
         tensors[name] = t
@@ -224,17 +292,17 @@ def write_qat(out: Path, seed: int = 1) -> Checkpoint:
             q, scale = _int4_grid(rng, shape, _std(name, kind, fan_in))
             scale = scale.astype(np.float16)
             qname, sname = _qat_name(name, kind)
-            tensors[qname] = torch.from_numpy(pack_int4(q))
-            tensors[sname] = torch.from_numpy(scale)
+            tensors[qname] = pack_int4(q)
+            tensors[sname] = scale
             ref[name] = _times_scale(q, scale)
             qat[name] = (q, scale)
             continue
         value = _dense_value(rng, name, kind, shape, fan_in)
-        t = torch.from_numpy(value.astype(np.float32)) if kind == "router" else _bf16(value)
+        t = value.astype(np.float32) if kind == "router" else _bf16(value)
         tensors[name] = t
         ref[name] = _f64(t)
     _write_common(out, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors")
     return Checkpoint(out, config, ref, qat)
 
 
@@ -244,11 +312,11 @@ def write_bf16(out: Path, seed: int = 1, config: Optional[dict] = None) -> Check
     config = config or tiny_config()
     tensors, ref = bf16_tensors(config, seed)
     _write_common(out, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors")
     return Checkpoint(out, config, ref)
 
 
-def per_expert_tensors(config: dict, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def per_expert_tensors(config: dict, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """Fused experts split into `experts.{j}.{gate,up,down}_proj.weight`, each [out, in]."""
     i = config["intermediate_size"]
     out = {}
@@ -256,12 +324,12 @@ def per_expert_tensors(config: dict, tensors: Dict[str, torch.Tensor]) -> Dict[s
         if name.endswith("experts.gate_up_proj"):
             parent = name[: -len(".gate_up_proj")]
             for j in range(t.shape[0]):
-                out[f"{parent}.{j}.gate_proj.weight"] = t[j, :, :i].T.contiguous()
-                out[f"{parent}.{j}.up_proj.weight"] = t[j, :, i:].T.contiguous()
+                out[f"{parent}.{j}.gate_proj.weight"] = _contiguous(t, lambda a, j=j: a[j, :, :i].T)
+                out[f"{parent}.{j}.up_proj.weight"] = _contiguous(t, lambda a, j=j: a[j, :, i:].T)
         elif name.endswith("experts.down_proj"):
             parent = name[: -len(".down_proj")]
             for j in range(t.shape[0]):
-                out[f"{parent}.{j}.down_proj.weight"] = t[j].T.contiguous()
+                out[f"{parent}.{j}.down_proj.weight"] = _contiguous(t, lambda a, j=j: a[j].T)
         else:
             out[name] = t
     return out
@@ -272,19 +340,26 @@ def write_bf16_per_expert(out: Path, seed: int = 1) -> Checkpoint:
     config = tiny_config()
     tensors, ref = bf16_tensors(config, seed)
     _write_common(out, config)
-    save_file(per_expert_tensors(config, tensors), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors(per_expert_tensors(config, tensors), out / "model.safetensors")
     return Checkpoint(out, config, ref)
+
+
+def _torch_tensor(torch, t: Tensor):
+    if isinstance(t, Bf16):
+        return torch.from_numpy(t.bits.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(t)
 
 
 def write_pickle(out: Path, wrapper: str, prefix: str, filename: str, seed: int = 1,
                  as_file: bool = False) -> Checkpoint:
     """(d) a PyTorch pickle {wrapper: {prefix + name: tensor}}; `as_file` hands
-    the converter the weights file itself rather than its directory."""
+    the converter the weights file itself rather than its directory. Needs torch."""
+    torch = import_torch()
     config = tiny_config()
     tensors, ref = bf16_tensors(config, seed)
     _write_common(out, config)
-    torch.save({wrapper: {prefix + k: v for k, v in tensors.items()}, "step": 7}, out / filename)
+    state = {prefix + k: _torch_tensor(torch, v) for k, v in tensors.items()}
+    torch.save({wrapper: state, "step": 7}, out / filename)
     return Checkpoint(out / filename if as_file else out, config, ref)
 
 
@@ -299,10 +374,8 @@ def write_sharded(out: Path, seed: int = 1, shards: int = 3) -> Checkpoint:
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[s::shards]}  # interleaved: layers span files
-        save_file(part, str(out / fname), metadata={"format": "pt"})
-        for n, t in part.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
+        total += save_safetensors(part, out / fname)
+        weight_map.update(dict.fromkeys(part, fname))
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return Checkpoint(out, config, ref)

@@ -2,9 +2,9 @@
 converted once per session, and the helpers the numerical tests share.
 
 Every fixture here is session-scoped and built only when a test asks for it:
-reuse them instead of writing or converting a model again. `tests/checkpoints.py`
-(which needs torch to write the released layouts) is imported on first use, so
-tests that need none of its checkpoints run without paying for torch's import.
+reuse them instead of writing or converting a model again. Only the PyTorch
+pickle checkpoints need torch; without it their tests skip, all with one reason
+(`checkpoints.TORCH_MISSING`).
 
 MLX runs on the CPU in float32 here (its CPU backend is slow; tiny shapes only),
 except in the GPU tier (`-m gpu`), whose tests run on MLX's GPU where it has one.

@@ -27,7 +27,7 @@ from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.loading import check_converted
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 512  # the tiny preset's vocab_size; its tokenizer has 495 tokens (padding rows above)
+VOCAB = 512  # the tiny preset's vocab_size; its tokenizer has a token for each id
 DELETE = object()  # a mutation's result: remove the file
 
 
@@ -84,7 +84,9 @@ GENERATION, SPECIAL_MAP, CONFIG = "generation_config.json", "special_tokens_map.
 REFUSED = {
     "tokenizer of another model": (TOKENIZER, _another_models_tokenizer,
                                    ["tokenizer.json's vocabulary holds token id(s) 128000 ",
-                                    "and 492 more, up to 128494", "vocab_size of 512"]),
+                                    # every one of its ids, the 3 shown and the rest counted
+                                    f"and {VOCAB - 3} more, up to {128000 + VOCAB - 1}",
+                                    "vocab_size of 512"]),
     "vocabulary id past vocab_size": (TOKENIZER, _vocab_id(5_000_000),
                                       ["tokenizer.json's vocabulary", "5000000"]),
     "vocabulary id == vocab_size": (TOKENIZER, _vocab_id(VOCAB), ["tokenizer.json", "512"]),

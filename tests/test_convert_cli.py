@@ -3,6 +3,7 @@
 The CLI runs in-process (click's CliRunner) so these stay fast; the few tests
 marked e2e run it as a real process."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -266,7 +267,10 @@ def test_garbage_pickle(good_qat, tmp_path):
     (src / "config.json").write_text((good_qat / "config.json").read_text())
     (src / "model.pt").write_bytes(b"this is not a pickle" * 10)
     out = tmp_path / "out"
-    assert_clean_failure(run_convert(src, "--out", out), out, "not a readable PyTorch checkpoint")
+    # Without torch the converter cannot read any pickle and says what to install.
+    said = ("not a readable PyTorch checkpoint" if importlib.util.find_spec("torch")
+            else "reading it needs PyTorch: pip install torch")
+    assert_clean_failure(run_convert(src, "--out", out), out, said)
 
 
 def test_stale_partial_output_of_a_killed_run_is_swept(good_qat, tmp_path):

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from checkpoints import import_torch
 from click.testing import CliRunner
 from test_convert_cli import REPO, assert_clean_failure, run_convert
 
@@ -90,7 +91,7 @@ def test_cache_errors_never_speak_of_out(qat, tmp_path, monkeypatch):
 
 def _state_dict_with(bf16_dir: Path, out: Path, change) -> Path:
     """A copy of a bf16 checkpoint as model.pt, with one entry changed."""
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     from safetensors.torch import load_file
 
     out.mkdir()

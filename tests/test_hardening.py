@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import import_torch
 from mlx.utils import tree_flatten
 from test_convert_cli import REPO, assert_clean_failure, run_convert
 from tmpfs import mounted_tmpfs
@@ -442,7 +443,7 @@ def test_converted_config_of_a_million_layers_is_refused_at_once(qat, tmp_path):
 # --- pickles ---
 
 def test_pickle_with_code_is_refused_without_running_it(qat, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     ran = tmp_path / "code-ran"
 
     class Payload:
