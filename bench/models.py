@@ -236,8 +236,8 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         elif path.endswith("feed_forward"):
             key, k1 = mx.random.split(key)
             m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
-    if fuse and hasattr(model, "fuse"):
-        model.fuse()  # what loading does to a converted directory (model.py)
+    if fuse and hasattr(model, "fuse_projections"):
+        model.fuse_projections()  # what loading does to a converted directory (model.py)
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
         mx.eval(layer.parameters())
