@@ -6,8 +6,11 @@ dequantized), dequantizing, speculative decoding with a converted draft, a
 quantized KV cache, batched generation and perplexity. docs/mlx-lm.md's table
 names these tests."""
 
+import ast
 import json
+import re
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -318,3 +321,33 @@ def test_perplexity_equals_the_models_own_cross_entropy(tool_loaded):
     targets = np.array(data[:, 1:])
     nll = -np.take_along_axis(logp, targets[..., None], -1).mean()
     assert ppl == pytest.approx(np.exp(nll), rel=1e-4)
+
+
+TOOLS = {"generate", "chat", "server", "batch_generate", "cache_prompt", "perplexity",
+         "benchmark", "lora: LoRA", "lora: DoRA", "lora: full", "fuse", "convert -q",
+         "convert -d", "gptq", "dynamic_quant", "awq", "dwq", "--quant-predicate recipes",
+         "--q-mode", "draft models"}
+PENDING = "see quantizers (pending)"
+
+
+def test_the_docs_table_names_tests_that_exist():
+    tests = Path(__file__).parent
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in (tests.parent / "docs" / "mlx-lm.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| Tool ")]
+    assert {r[0] for r in rows} == TOOLS
+    defined = {}
+    for f in tests.glob("test_*.py"):
+        defined[f.name] = {n.name for n in ast.walk(ast.parse(f.read_text()))
+                           if isinstance(n, ast.FunctionDef)}
+    for tool, claim, command, named in rows:
+        if claim == PENDING:  # the quantizers' rows, filled in with their work
+            continue
+        refs = re.findall(r"(test_\w+\.py)::(test_\w+)", named)
+        assert refs, tool
+        for file, name in refs:
+            assert name in defined.get(file, ()), f"{tool}: {file}::{name} does not exist"
+        # a converted directory loads only with trust_remote_code (or through our chat)
+        for cmd in re.findall(r"`([^`]+)`", command):
+            if cmd.startswith("mlx_lm.") and " --" in cmd:
+                assert "--trust-remote-code" in cmd, cmd
