@@ -24,7 +24,7 @@ from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_lm_load
-from tool_model import tool_int4  # noqa: F401  (a pytest fixture)
+from tool_model import tool_dense, tool_int4  # noqa: F401  (pytest fixtures)
 
 import mobilemoe_mlx
 
@@ -60,6 +60,17 @@ def assert_router_float32_unquantized(path):
     routers = [k for k in w if ".router." in k or k.endswith("expert_bias")]
     assert routers and all(w[k].dtype == mx.float32 for k in routers)
     assert all(k.endswith(("router.weight", "expert_bias")) for k in routers), routers
+
+
+def test_the_tool_models_take_mlx_lms_default_groups(tool_int4, tool_dense):  # noqa: F811
+    # head_dim 64 for --kv-bits' groups of 64; every axis a quantizer groups
+    # (the last: `in` of [out, in], `out` of the experts' [E, in, out]) by 64
+    config = json.loads((tool_int4.path / "config.json").read_text())
+    assert config["head_dim"] == 64 and config["quantization"]["group_size"] == 32
+    dense = weights(tool_dense.path)
+    assert not any(k.endswith(".scales") for k in dense)
+    assert all(v.dtype == mx.float32 for v in dense.values())
+    assert all(v.shape[-1] % 64 == 0 for k, v in dense.items() if v.ndim > 1 and "router" not in k)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,29 @@ def test_lora_experts_sorted_and_unsorted_dispatch_agree(adapted):
     alone = logits(model, SHORT)
     within = logits(model, mx.broadcast_to(SHORT, (8, 4)))[:1]
     np.testing.assert_allclose(alone, within, rtol=1e-4, atol=1e-4)
+
+
+def test_adapted_decode_steps_equal_the_full_forward(adapted):
+    # Generation's one-token steps (the compiled decode step) through the
+    # expert adapters give the logits of one forward over the whole sequence.
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, *_ = adapted
+    tokens = BATCH[:1, :12]
+    cache = make_prompt_cache(model)
+    steps = [model(tokens[:, :8], cache=cache)[:, -1:]]
+    steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(8, 11)]
+    got = np.array(mx.concatenate(steps, axis=1)).astype(np.float64)
+    np.testing.assert_allclose(got, logits(model, tokens)[:, 7:11], rtol=1e-4, atol=1e-4)
+
+
+def test_mlx_lm_default_lora_keys_include_the_experts(tool_int4):  # noqa: F811
+    model, _ = load(tool_int4.path)
+    model.freeze()
+    linear_to_lora_layers(model, 1, dict(LORA))  # no keys: every layer mlx-lm can adapt
+    experts = model.layers[1].feed_forward.experts
+    assert type(experts.gate_up_proj).__name__ == "LoRAExpertLinear"
+    assert type(experts.down_proj).__name__ == "LoRAExpertLinear"
 
 
 def test_load_adapters_on_a_converted_model(adapted, tool_int4):  # noqa: F811
