@@ -230,11 +230,18 @@ def full_fine_tune(model, steps: int = 4):
     return losses
 
 
-def test_full_fine_tune_of_a_dequantized_model_trains(tool_int4, tmp_path):  # noqa: F811
-    out = tmp_path / "dequantized"
+@pytest.fixture(scope="module")
+def dequantized(tool_int4, tmp_path_factory):  # noqa: F811
+    """mlx_lm.convert -d on the INT4 model (--dtype float32: mlx-lm casts to
+    the config's torch_dtype otherwise)."""
+    out = tmp_path_factory.mktemp("dequantized") / "model"
     mlx_lm_convert(str(tool_int4.path), str(out), dequantize=True, dtype="float32",
                    trust_remote_code=True)
-    model, _ = load(out)
+    return out
+
+
+def test_full_fine_tune_of_a_dequantized_model_trains(dequantized):
+    model, _ = load(dequantized)
     losses = full_fine_tune(model)
     assert losses[-1] < losses[0], losses
     assert model.layers[0].feed_forward.router.weight.dtype == mx.float32
@@ -271,11 +278,8 @@ def test_dora_on_the_other_linears_works(tool_int4):  # noqa: F811
 
 
 def test_mlx_lm_convert_dequantize_writes_a_model_equal_to_the_quantized(tool_int4,  # noqa: F811
-                                                                         tmp_path):
-    out = tmp_path / "dequantized"
-    # --dtype float32: mlx-lm casts to the config's torch_dtype otherwise
-    mlx_lm_convert(str(tool_int4.path), str(out), dequantize=True, dtype="float32",
-                   trust_remote_code=True)
+                                                                         dequantized):
+    out = dequantized
     w = weights(out)
     assert not any(k.endswith((".scales", ".biases")) for k in w)
     assert w["model.layers.0.feed_forward.experts.down_proj.weight"].shape == (8, 64, 128)
