@@ -194,7 +194,9 @@ def test_fuse_requantizes_the_merged_experts_with_their_own_settings(adapted, fu
     model, _, _, base = adapted
     quantized, merged = weights(fused[False]), weights(fused[True])
     assert json.loads((fused[False] / "config.json").read_text())["quantization"]["group_size"] == 32
+    base_experts = weights(tool_int4.path)
     for name in EXPERTS:
+        assert not mx.array_equal(quantized[name + ".weight"], base_experts[name + ".weight"])
         want = mx.quantize(merged[name + ".weight"], 32, 4)
         for got, part in zip([quantized[name + s] for s in (".weight", ".scales", ".biases")], want):
             np.testing.assert_array_equal(np.array(got), np.array(part))
