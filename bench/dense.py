@@ -145,12 +145,12 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def fuse(self) -> None:
+    def fuse_projections(self) -> None:
         """Stack q/k/v and gate/up of a model quantized in memory, as
-        model.Model.fuse does (bit-identical)."""
+        model.Model.fuse_projections does (bit-identical)."""
         for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def make_cache(self):
         """A rotating 512-slot cache for each local layer, a full one for each global."""

@@ -195,7 +195,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
     # Imported here: mlx-lm pulls in transformers, and `bench -h` imports this module.
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+    from mobilemoe_mlx.model import QuantizedExpertLinear
 
     config = dict(config) if config is not None else model_config(name)
     model = instantiate(config)
@@ -213,7 +213,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         key, k1 = mx.random.split(key)
         # Our experts are [E, in, out] (groups along out); everything else,
         # glm4's SwitchLinear included, is [..., out, in] (groups along in).
-        ours = m.weight.ndim == 3 and not isinstance(m, QuantizedSwitchLinear)
+        ours = isinstance(m, QuantizedExpertLinear)
         fan_in = m.scales.shape[-2] if ours else m.weight.shape[-1] * 32 // bits
         scale = level_scale(fan_in, bits)
         m.weight = random_packed_weight(m.weight.shape, bits, k1)
@@ -236,8 +236,8 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
         elif path.endswith("feed_forward"):
             key, k1 = mx.random.split(key)
             m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
-    if fuse and hasattr(model, "fuse"):
-        model.fuse()  # what loading does to a converted directory (model.py)
+    if fuse and hasattr(model, "fuse_projections"):
+        model.fuse_projections()  # what loading does to a converted directory (model.py)
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
         mx.eval(layer.parameters())

@@ -12,7 +12,7 @@ is how ``mlx_lm.generate --trust-remote-code`` finds the architecture.
 
 Fewer kernels per token: a decode step of a small model is bound by how many
 kernels it launches and how long the host takes to build it, not by
-arithmetic. So at load time (`sanitize`, or `Model.fuse()` on a model
+arithmetic. So at load time (`sanitize`, or `Model.fuse_projections()` on a model
 quantized in memory) q, k and v become one matmul, and the shared expert's
 gate and up another, when their weights are quantized: MLX's groups run along
 the input dimension, so stacking output rows of the packed words, scales and
@@ -24,6 +24,7 @@ Shape legend: B = batch, L = tokens, D = hidden, H = heads, Hkv = KV heads,
 E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.activations import swiglu  # compiled: one fused elementwise kernel
 from mlx_lm.models.base import (
     BaseModelArgs,
@@ -41,6 +43,7 @@ from mlx_lm.models.base import (
 )
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 # MLX's GPU backends run float32 matmuls as TF32 (a 10-bit mantissa) unless
 # MLX_ENABLE_TF32=0. The router is float32 because its top-k choices are
@@ -154,7 +157,7 @@ class _Fusable(nn.Module):
     fused: str
     parts: tuple
 
-    def fuse(self) -> None:
+    def fuse_projections(self) -> None:
         """Stack the in-memory projections (quantized ones only: a float
         matmul's summation order may change with its width; a quantized one's
         does not)."""
@@ -285,6 +288,20 @@ class ExpertLinear(nn.Module):
             q.biases = biases[0]
         return q
 
+    @classmethod
+    def from_weight(cls, weight: mx.array) -> "ExpertLinear":
+        """An expert layer holding `weight` [E, in, out]."""
+        layer = cls(weight.shape[1], weight.shape[2], weight.shape[0])
+        layer.weight = weight
+        return layer
+
+    def dense_weight(self) -> mx.array:
+        return self.weight
+
+    def to_lora(self, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        """mlx-lm's LoRA hook (tuner.utils.linear_to_lora_layers)."""
+        return LoRAExpertLinear(self, r, scale, dropout)
+
 
 # mx.quantize's (group size, bits) when a caller names none: mlx-lm's mixed
 # recipes and per-layer config entries pass None. The microscaling modes allow
@@ -292,15 +309,21 @@ class ExpertLinear(nn.Module):
 QUANT_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 
 
-class QuantizedExpertLinear(nn.Module):
+class QuantizedExpertLinear(QuantizedSwitchLinear):
     """ExpertLinear quantized in any mode of mx.quantize. Groups run along
-    `out` (the last axis of [E, in, out]); "affine" stores scales and biases
-    in the float dtype, the microscaling modes (mxfp4, nvfp4, mxfp8) uint8
-    scales and no biases."""
+    `out` (the last axis of [E, in, out], gather_qmm with transpose=False);
+    "affine" stores scales and biases in the float dtype, the microscaling
+    modes (mxfp4, nvfp4, mxfp8) uint8 scales and no biases.
+
+    A QuantizedSwitchLinear to mlx-lm's tools, because that is the type they
+    know: `dequantize_model` (convert -d, fuse --dequantize) then rebuilds it as
+    a SwitchLinear holding the dequantized [E, in, out] weight, which
+    RoutedExperts takes back as an ExpertLinear. Its own layout and call are
+    this class's, not QuantizedSwitchLinear's ([E, out, in], transpose=True)."""
 
     def __init__(self, input_dims, output_dims, num_experts, group_size=None, bits=None,
                  mode="affine"):
-        super().__init__()
+        nn.Module.__init__(self)  # not QuantizedSwitchLinear's: its layout is [E, out, in]
         if mode not in QUANT_MODE_DEFAULTS:
             raise ValueError(f"unknown quantization mode {mode!r}; "
                              f"choose one of {', '.join(QUANT_MODE_DEFAULTS)}")
@@ -314,6 +337,18 @@ class QuantizedExpertLinear(nn.Module):
         if mode == "affine":
             self.biases = mx.zeros(groups)
         self.freeze()
+
+    @property
+    def input_dims(self):
+        return self.weight.shape[1]
+
+    @property
+    def output_dims(self):
+        return self.scales.shape[2] * self.group_size
+
+    @property
+    def num_experts(self):
+        return self.weight.shape[0]
 
     def __call__(self, x, indices, sorted_indices=False, rows=None):
         if self.training and "biases" in self and "scales" not in self._no_grad:
@@ -334,6 +369,51 @@ class QuantizedExpertLinear(nn.Module):
             mode=self.mode,
             sorted_indices=sorted_indices,
         )
+
+    def dense_weight(self) -> mx.array:
+        """The weights [E, in, out] this layer multiplies by."""
+        return mx.dequantize(self.weight, self.scales, self.get("biases"),
+                             self.group_size, self.bits, mode=self.mode)
+
+    def to_lora(self, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        """mlx-lm's LoRA hook: QLoRA on the quantized experts."""
+        return LoRAExpertLinear(self, r, scale, dropout)
+
+
+class LoRAExpertLinear(nn.Module):
+    """A low-rank update per expert beside a (possibly quantized) expert layer,
+    in its [E, in, out] layout: mlx-lm's LoRASwitchLinear for this model.
+
+    `fuse` (mlx_lm.fuse's protocol) folds the update into the weights: a
+    quantized base is requantized with its own settings unless `dequantize`,
+    so the fused model differs from the adapted one by that rounding only."""
+
+    def __init__(self, linear: nn.Module, r: int = 8, scale: float = 20.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.linear = linear
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        e, d_in, d_out = linear.num_experts, linear.input_dims, linear.output_dims
+        bound = 1 / math.sqrt(d_in)  # as mlx-lm's LoRA layers: b = 0, so it starts as the base
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(e, d_in, r))
+        self.lora_b = mx.zeros((e, r, d_out))
+
+    def __call__(self, x, indices, sorted_indices=False, rows=None):
+        y = self.linear(x, indices, sorted_indices=sorted_indices, rows=rows)
+        z = mx.gather_mm(self.dropout(x), self.lora_a, lhs_indices=rows,
+                         rhs_indices=indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, self.lora_b, rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        base = self.linear
+        weight = base.dense_weight()
+        delta = (self.scale * self.lora_a) @ self.lora_b  # [E, in, out]
+        fused = ExpertLinear.from_weight(weight + delta.astype(weight.dtype))
+        if isinstance(base, QuantizedExpertLinear) and not dequantize:
+            return fused.to_quantized(base.group_size, base.bits, base.mode)
+        return fused
 
 
 def _expert_qmm(x, weight, scales, biases, indices, group_size: int, bits: int):
@@ -385,6 +465,14 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = ExpertLinear(d, 2 * i, e)
         self.down_proj = ExpertLinear(i, d, e)
         self.sort_threshold = args.expert_sort_threshold
+
+    def __setitem__(self, key, value):
+        # mlx-lm's dequantize_model rebuilds a QuantizedSwitchLinear (ours is
+        # one) as a SwitchLinear holding the dequantized weight, which for ours
+        # is [E, in, out]: this layout, so it becomes an ExpertLinear again.
+        if type(value) is SwitchLinear:
+            value = ExpertLinear.from_weight(value.weight)
+        super().__setitem__(key, value)
 
     def __call__(self, x: mx.array, indices: mx.array, rows=None) -> mx.array:
         """x: [B, L, D], indices: [B, L, K] -> [B, L, K, D]. `rows`: the two
@@ -527,6 +615,45 @@ class DecoderLayer(nn.Module):
         rows = getattr(cache, "expert_rows", None)
         y, indices = self.feed_forward.forward(self.post_attention_layernorm(h), rows)
         return h + y, indices
+
+    # Two of mlx_lm.lora's runs MLX cannot do on this model fail inside mlx-lm
+    # with a traceback; each passes through one of these first and ends there
+    # in one line (only when called from that mlx-lm function; see below).
+    def named_modules(self):
+        _refuse_dora_on_experts(sys._getframe(1))
+        return super().named_modules()
+
+    def unfreeze(self, *, recurse: bool = True, keys=None, strict: bool = False):
+        _refuse_full_fine_tune_when_packed(sys._getframe(1), self, recurse and keys is None)
+        return super().unfreeze(recurse=recurse, keys=keys, strict=strict)
+
+
+def _refuse_dora_on_experts(caller) -> None:
+    """mlx-lm has DoRA for linear layers and embeddings only: asked to put it
+    on expert layers (its own SwitchLinear or ours), its linear_to_lora_layers
+    raises a ValueError, a traceback on the console. It lists each layer's
+    modules (this layer's named_modules) before converting them, so a DoRA run
+    whose keys name the experts ends here first, in one line."""
+    if caller.f_code.co_name != "linear_to_lora_layers" or not caller.f_locals.get("use_dora"):
+        return
+    if any("feed_forward.experts." in str(k) for k in caller.f_locals.get("keys") or ()):
+        raise SystemExit(
+            "error: DoRA cannot adapt MobileMoE's routed experts (mlx-lm has DoRA for "
+            "linear layers only); use --fine-tune-type lora, or give lora_parameters "
+            "keys that leave out feed_forward.experts.*")
+
+
+def _refuse_full_fine_tune_when_packed(caller, layer: nn.Module, everything: bool) -> None:
+    """mlx_lm.lora's full fine-tune (train_model) unfreezes every parameter of
+    its layers; MLX has no gradient for packed (quantized) weights, so its
+    first step would fail with a traceback."""
+    if not everything or caller.f_code.co_name != "train_model":
+        return
+    if any(v.dtype == mx.uint32 for _, v in tree_flatten(layer.parameters())):
+        raise SystemExit(
+            "error: a full fine-tune needs float weights and this model's are quantized "
+            "(MLX has no gradient for packed weights); fine-tune a dequantized copy "
+            "(mlx_lm.convert -d --trust-remote-code) or use LoRA, which adapts quantized layers")
 
 
 class MobileMoEModel(nn.Module):
@@ -701,7 +828,7 @@ class Model(nn.Module):
             # inputs would have every step flatten and match ~400 arrays (15-25%
             # of the step's host time on MLX's CPU). So the trace is dropped
             # whenever the weights change through the model (update,
-            # update_modules, and so load_weights, apply, nn.quantize, fuse).
+            # update_modules, and so load_weights, apply, nn.quantize, fuse_projections).
             mx.eval(self.state)  # constants must be computed arrays (RoPE tables too)
             self._constants = DecodeConstants(self)
             self._decode_step = mx.compile(self._static_decode)
@@ -748,11 +875,11 @@ class Model(nn.Module):
             yield layer.self_attn, f"{p}.self_attn"
             yield layer.feed_forward.shared_expert, f"{p}.feed_forward.shared_expert"
 
-    def fuse(self) -> None:
+    def fuse_projections(self) -> None:
         """Stack q/k/v and the shared expert's gate/up of a model quantized in
         memory (bit-identical; see the module docstring)."""
         for module, _ in self.fusable():
-            module.fuse()
+            module.fuse_projections()
         self._decode_step = None
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -281,9 +281,10 @@ def _write_common(out: Path, config: dict) -> None:
     write_tokenizer_files(out, config)
 
 
-def write_qat(out: Path, seed: int = 1) -> Checkpoint:
-    """(a) QAT: packed INT4 + fp16 scales in one model.safetensors."""
-    config = tiny_config()
+def write_qat(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkpoint:
+    """(a) QAT: packed INT4 + fp16 scales in one model.safetensors. `config`:
+    another shape than the tiny preset's (tests/tool_model.py)."""
+    config = dict(config or tiny_config())
     config["quantization"] = dict(QAT_BLOCK)
     rng = np.random.default_rng(seed)
     tensors, ref, qat = {}, {}, {}
@@ -307,9 +308,8 @@ def write_qat(out: Path, seed: int = 1) -> Checkpoint:
 
 
 def write_bf16(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkpoint:
-    """(b) bf16 with fused experts, one model.safetensors; `config`: another
-    shape than the tiny preset's (tiny_config() with fields changed)."""
-    config = config or tiny_config()
+    """(b) bf16 with fused experts, one model.safetensors (`config`: as write_qat's)."""
+    config = dict(config or tiny_config())
     tensors, ref = bf16_tensors(config, seed)
     _write_common(out, config)
     save_safetensors(tensors, out / "model.safetensors")

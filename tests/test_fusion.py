@@ -74,7 +74,7 @@ def test_loading_fuses_and_changes_no_bit(qat_int4, tokens):
 def test_fusing_in_memory_changes_no_bit(qat_int4, tokens):
     model = load(qat_int4.path, False)
     before = full_and_cached(model, tokens)
-    model.fuse()
+    model.fuse_projections()
     assert fused_state(model) == (True, True)
     assert_identical(full_and_cached(model, tokens), before)
 
@@ -84,7 +84,7 @@ def test_float_weights_are_not_fused(qat_dense):
     # projections are stacked (that is what makes the fusion exact).
     model = load(qat_dense.path, True)
     assert fused_state(model) == (False, False)
-    model.fuse()
+    model.fuse_projections()
     assert fused_state(model) == (False, False)
 
 

@@ -113,11 +113,11 @@ PATHS = {  # (fused?, how it runs); fusion is what loading does, so the variants
 @pytest.fixture(scope="module")
 def mlx_logits(s_model, tokens, reference_logits):
     """Each path's logits [T, V]: the unfused ones first, then the model fused
-    in place (Model.fuse, as loading a directory does), after the reference has
+    in place (Model.fuse_projections, as loading a directory does), after the reference has
     read the unfused weights."""
     model, _ = s_model
     out = {name: run(model, tokens) for name, (fused, run) in PATHS.items() if not fused}
-    model.fuse()
+    model.fuse_projections()
     assert model.layers[0].self_attn.is_fused()
     out.update({name: run(model, tokens) for name, (fused, run) in PATHS.items() if fused})
     return out

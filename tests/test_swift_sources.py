@@ -316,7 +316,7 @@ def dense_python_names(config: dict, fuse: bool) -> Set[str]:
     model = Model(ModelArgs.from_dict(config))
     nn.quantize(model, group_size=32, bits=4, class_predicate=_not_router)
     if fuse:
-        model.fuse()
+        model.fuse_projections()
     return {k for k, _ in tree_flatten(model.parameters())}
 
 
