@@ -892,7 +892,7 @@ class Model(nn.Module):
         Where MLX runs on the CPU, floating weights (quantized layers' scales
         and biases too) are cast to float32 first, as mobilemoe_mlx.load()
         does: MLX's CPU kernels run float16 and bfloat16 tens of times slower
-        (docs/mlx-lm-quantizers.md has mlx_lm.generate's figures) and have
+        (docs/mlx-lm.md, "On the CPU", has mlx_lm.generate's figures) and have
         gather_mm in float32 only. So mlx-lm's tools run a float16 directory at
         float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
         saves what it loaded (mlx_lm.convert without --dtype, the quantizers)

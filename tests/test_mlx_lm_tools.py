@@ -367,8 +367,6 @@ TOOLS = {"generate", "chat", "server", "batch_generate", "cache_prompt", "perple
          "benchmark", "lora: LoRA", "lora: DoRA", "lora: full", "fuse", "convert -q",
          "convert -d", "gptq", "dynamic_quant", "awq", "dwq", "--quant-predicate recipes",
          "--q-mode", "draft models"}
-PENDING = "see quantizers (pending)"
-
 
 def test_the_docs_table_names_tests_that_exist():
     tests = Path(__file__).parent
@@ -381,8 +379,6 @@ def test_the_docs_table_names_tests_that_exist():
         defined[f.name] = {n.name for n in ast.walk(ast.parse(f.read_text()))
                            if isinstance(n, ast.FunctionDef)}
     for tool, claim, command, named in rows:
-        if claim == PENDING:  # the quantizers' rows, filled in with their work
-            continue
         refs = re.findall(r"(test_\w+\.py)::(test_\w+)", named)
         assert refs, tool
         for file, name in refs:
