@@ -378,7 +378,7 @@ def test_the_docs_table_names_tests_that_exist():
     for f in tests.glob("test_*.py"):
         defined[f.name] = {n.name for n in ast.walk(ast.parse(f.read_text()))
                            if isinstance(n, ast.FunctionDef)}
-    for tool, claim, command, named in rows:
+    for tool, _claim, command, named in rows:
         refs = re.findall(r"(test_\w+\.py)::(test_\w+)", named)
         assert refs, tool
         for file, name in refs:
