@@ -13,7 +13,7 @@ from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
-from .models import names_help
+from .models import canonical, names_help
 from .options import FULL, QUICK, check, protocol_settings
 from .tokens import KINDS
 
@@ -97,7 +97,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
               f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
         _check_quant(bits, group_size)
-        names = [m.strip() for m in (models or (QUICK if quick else FULL)["models"]).split(",")
+        names = [canonical(m) for m in (models or (QUICK if quick else FULL)["models"]).split(",")
                  if m.strip()]
         if not names:
             raise UserError("--models names no model")
@@ -164,6 +164,8 @@ def report(run_dir, other, no_plots, verbose):
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, verbose):
     """Weights + KV cache + working memory against phone and Mac budgets."""
+    model = canonical(model)
+
     def go():
         import json
 
@@ -217,6 +219,8 @@ def parity(model, tokens, chunk, decode, dtype, layers, seed, as_json, verbose):
     Each layer is given the CPU's input to it, so its figures are its own error;
     the logits come from a free run. Exit code 3 when a figure is below its
     dtype's threshold (the first such layer is named), 0 when all agree."""
+    model = canonical(model)
+
     def go():
         import json
 
@@ -255,6 +259,8 @@ def profile(model, context, chunk, dtype, repeats, seed, as_json, verbose):
     """Where one decode step and one prefill chunk spend their time on this
     backend, by kind of op (attention, norms and RoPE, router, experts, head),
     and how many graph nodes and kernels they have. docs/profile.md explains it."""
+    model = canonical(model)
+
     def go():
         import json
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .config import RELEASED_SIZES, preset_name
 from .errors import UserError
 
 # Only what conversion reads: never the repo's remote code or other formats.
@@ -17,6 +18,30 @@ _METADATA_PATTERNS = ["*.json", "*.jinja", "tokenizer*"]
 _WEIGHT_PATTERNS = [["*.safetensors"], ["*.bin", "*.pt", "*.pth"]]
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+VARIANTS = {"qat": "QAT", "sft": "SFT", "base": "Base"}  # --variant: the releases of a size
+_RELEASE = re.compile(r"^facebook/MobileMoE-([SML])-(QAT|SFT|Base)$")
+
+
+def release_repo(name: str, variant: Optional[str] = None) -> Optional[str]:
+    """The Hub repo of the released size `name` (S, M or L, any case; see
+    config.preset_name) in `variant` (default qat), or None for any other name."""
+    size = preset_name(name)
+    if size not in RELEASED_SIZES:
+        return None
+    return f"facebook/MobileMoE-{size}-{VARIANTS[variant or 'qat']}"
+
+
+def model_source(model: str, variant: Optional[str] = None) -> str:
+    """What a command line's model argument means: a size (S, M, L, any case) is
+    its released repo, unless a file or directory of that name exists here;
+    anything else is used as given (a path or a repo id)."""
+    repo = None if Path(model).expanduser().exists() else release_repo(model, variant)
+    if repo is not None:
+        return repo
+    if variant is not None:
+        raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
+    return model
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -52,16 +77,12 @@ def _explain(repo_id: str, error: Exception) -> UserError:
         return UserError(f"{repo_id} has no such revision; check --revision")
     if isinstance(error, errors.RepositoryNotFoundError):
         return UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it was not found, or you are not "
-            "logged in to see it: check the path or the name; for a Hub repo accept the "
-            "license on the model page and run `hf auth login`"
+            f"{_as_hub_repo(repo_id)} was not found, or you are not logged in to see it: "
+            f"{_check(repo_id)}for a Hub repo accept the license on the model page and run "
+            "`hf auth login`"
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
-        return UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
-            "Face Hub is unreachable and the repo is not in the local cache; check the path, "
-            "connect to the network, or pass a local checkpoint path"
-        )
+        return unreachable(repo_id)
     if isinstance(error, errors.HFValidationError):
         return UserError(f"{repo_id!r} is neither an existing path nor a Hub repo id")
     status = getattr(getattr(error, "response", None), "status_code", None)
@@ -112,11 +133,8 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     except Exception as e:  # no answer at all: offline, DNS, timeout
         if ref.exists():
             return ref.read_text().strip()
-        raise UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
-            f"Face Hub is unreachable ({type(e).__name__}) and the repo has not been converted "
-            "here before; check the path, connect to the network, or pass a local checkpoint path"
-        ) from e
+        raise unreachable(repo_id, str(e) if isinstance(e, ConnectionError) else
+                          type(e).__name__) from e
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
@@ -125,7 +143,25 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     return commit
 
 
-def _no_directory(repo_id: str) -> str:
-    """The first half of a message about a repo id that could also be a path
-    (`mlx/MobileMoE-S` is both): that there is no such directory."""
-    return f"there is no directory {repo_id} in {Path.cwd()}"
+def unreachable(repo_id: str, why: Optional[str] = None) -> UserError:
+    """The one message for a repo the Hub cannot be asked for and this machine
+    holds no copy of (chat, load() and convert all say it so)."""
+    return UserError(
+        f"{_as_hub_repo(repo_id)} cannot be fetched: the Hugging Face Hub is unreachable"
+        + (f" ({why})" if why else "") + " and this machine has neither a download nor a "
+        f"converted copy of it; {_check(repo_id)}connect to the network once, or pass a local "
+        "checkpoint path")
+
+
+def _as_hub_repo(repo_id: str) -> str:
+    """How a message names `repo_id`, in the user's terms: a released size as the
+    size they typed with its repo (`S (facebook/MobileMoE-S-QAT)`); any other
+    name, which could also be a path (`mlx/MobileMoE-S` is both), with the
+    directory that does not exist first."""
+    if release := _RELEASE.match(repo_id):
+        return f"{release.group(1)} ({repo_id})"
+    return f"there is no directory {repo_id} in {Path.cwd()}, and as a Hub repo it"
+
+
+def _check(repo_id: str) -> str:
+    return "" if _RELEASE.match(repo_id) else "check the path or the name; "
