@@ -54,7 +54,8 @@ def stats_line(turn: Turn) -> str:
         return f"stopped while reading the {turn.prefilled}-token prompt (the message is not kept)"
     parts = [f"{turn.generation_tokens} tokens",
              f"prompt {turn.prefilled} tok" + _at(rate(turn.prefilled, turn.prompt_tps)),
-             f"generation {rate(turn.generation_tokens, turn.generation_tps) or 'rate: none'}",
+             (f"generation {rate(turn.generation_tokens, turn.generation_tps)}"
+              if turn.generation_tokens >= 2 else "no generation rate from one token"),
              f"peak memory {_size(turn.peak_memory_gb)}"]
     if turn.drafted or turn.accepted:
         parts.append(f"draft accepted {turn.accepted}/{turn.drafted} "

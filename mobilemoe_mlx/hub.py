@@ -78,7 +78,7 @@ def _explain(repo_id: str, error: Exception) -> UserError:
     if isinstance(error, errors.RepositoryNotFoundError):
         return UserError(
             f"{_as_hub_repo(repo_id)} was not found, or you are not logged in to see it: "
-            f"{_check(repo_id)}for a Hub repo accept the license on the model page and run "
+            f"{_check(repo_id, '; ')}for a Hub repo accept the license on the model page and run "
             "`hf auth login`"
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
@@ -125,7 +125,7 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     from huggingface_hub import HfApi, errors
 
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        if _offline_set():
             raise ConnectionError("HF_HUB_OFFLINE is set")
         commit = HfApi().model_info(repo_id, revision=revision).sha
     except (errors.HfHubHTTPError, errors.HFValidationError) as e:
@@ -133,8 +133,7 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     except Exception as e:  # no answer at all: offline, DNS, timeout
         if ref.exists():
             return ref.read_text().strip()
-        raise unreachable(repo_id, str(e) if isinstance(e, ConnectionError) else
-                          type(e).__name__) from e
+        raise unreachable(repo_id) from e
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
@@ -143,13 +142,18 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     return commit
 
 
-def unreachable(repo_id: str, why: Optional[str] = None) -> UserError:
+def _offline_set() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def unreachable(repo_id: str) -> UserError:
     """The one message for a repo the Hub cannot be asked for and this machine
-    holds no copy of (chat, load() and convert all say it so)."""
+    holds no copy of (chat, load() and convert all say it so, word for word)."""
     return UserError(
         f"{_as_hub_repo(repo_id)} cannot be fetched: the Hugging Face Hub is unreachable"
-        + (f" ({why})" if why else "") + " and this machine has neither a download nor a "
-        f"converted copy of it; {_check(repo_id)}connect to the network once, or pass a local "
+        + (" (HF_HUB_OFFLINE is set)" if _offline_set() else "")
+        + " and this machine has neither a download nor a "
+        f"converted copy of it; {_check(repo_id, ', ')}connect to the network once, or pass a local "
         "checkpoint path")
 
 
@@ -163,5 +167,5 @@ def _as_hub_repo(repo_id: str) -> str:
     return f"there is no directory {repo_id} in {Path.cwd()}, and as a Hub repo it"
 
 
-def _check(repo_id: str) -> str:
-    return "" if _RELEASE.match(repo_id) else "check the path or the name; "
+def _check(repo_id: str, then: str) -> str:
+    return "" if _RELEASE.match(repo_id) else "check the path or the name" + then
