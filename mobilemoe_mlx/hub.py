@@ -70,11 +70,11 @@ def _explain(repo_id: str, error: Exception) -> UserError:
     page = f"https://huggingface.co/{repo_id}"
     if isinstance(error, errors.GatedRepoError):
         return UserError(
-            f"{repo_id} is gated: accept the license on {page}, then log in with "
+            f"{_named(repo_id)} is gated: accept the license on {page}, then log in with "
             "`hf auth login` (or set HF_TOKEN), or pass a local checkpoint path"
         )
     if isinstance(error, errors.RevisionNotFoundError):
-        return UserError(f"{repo_id} has no such revision; check --revision")
+        return UserError(f"{_named(repo_id)} has no such revision; check --revision")
     if isinstance(error, errors.RepositoryNotFoundError):
         return UserError(
             f"{_as_hub_repo(repo_id)} was not found, or you are not logged in to see it: "
@@ -88,10 +88,10 @@ def _explain(repo_id: str, error: Exception) -> UserError:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
         return UserError(
-            f"the Hub refused access to {repo_id} (HTTP {status}): log in with "
+            f"the Hub refused access to {_named(repo_id)} (HTTP {status}): log in with "
             f"`hf auth login` and accept the license on {page}"
         )
-    return UserError(f"could not download {repo_id}: {error}")
+    return UserError(f"could not download {_named(repo_id)}: {error}")
 
 
 def fetch_checkpoint(repo_id: str, revision: Optional[str] = None) -> Tuple[Path, str]:
@@ -113,7 +113,7 @@ def fetch_checkpoint(repo_id: str, revision: Optional[str] = None) -> Tuple[Path
                 return path, path.name
     except Exception as e:  # the Hub client raises its own and its transport's errors
         raise _explain(repo_id, e) from e
-    raise UserError(f"{repo_id} holds no weights file (.safetensors, .bin, .pt, .pth)")
+    raise UserError(f"{_named(repo_id)} holds no weights file (.safetensors, .bin, .pt, .pth)")
 
 
 def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
@@ -162,9 +162,15 @@ def _as_hub_repo(repo_id: str) -> str:
     size they typed with its repo (`S (facebook/MobileMoE-S-QAT)`); any other
     name, which could also be a path (`mlx/MobileMoE-S` is both), with the
     directory that does not exist first."""
-    if release := _RELEASE.match(repo_id):
-        return f"{release.group(1)} ({repo_id})"
+    if _RELEASE.match(repo_id):
+        return _named(repo_id)
     return f"there is no directory {repo_id} in {Path.cwd()}, and as a Hub repo it"
+
+
+def _named(repo_id: str) -> str:
+    """A released repo with the size a user types for it: `S (facebook/MobileMoE-S-QAT)`."""
+    release = _RELEASE.match(repo_id)
+    return f"{release.group(1)} ({repo_id})" if release else repo_id
 
 
 def _check(repo_id: str, then: str) -> str:
