@@ -27,8 +27,8 @@ from .errors import OneLineCommand, run_cli
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
 def main(source, out, dtype, quantize, q_bits, q_group_size, force, revision, verbose):
-    """Convert SOURCE (S, M or L: the QAT release on the Hub; a Hub repo id, a
-    checkpoint directory or a weights file)."""
+    """Convert SOURCE (S, M or L in any case: the QAT release on the Hub; a Hub
+    repo id, a checkpoint directory or a weights file)."""
 
     def run():
         from .hub import model_source
