@@ -13,8 +13,8 @@ from mobilemoe_mlx.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
 from mobilemoe_mlx.planner import PREFILL_CHUNK
 
-from .models import names_help
-from .options import FULL, QUICK, check, protocol_settings
+from .models import canonical, names_help
+from .options import CPU_SHORT, FULL, check, choose_protocol, protocol_settings
 from .tokens import KINDS
 
 
@@ -27,6 +27,11 @@ def _check_quant(bits: int, group_size: int) -> None:
 
 
 HELP = {"help_option_names": ["-h", "--help"]}
+
+
+def _default(option: str) -> str:
+    return f"[default: {FULL[option]}; on a CPU {CPU_SHORT[option]}]"
+
 # `bench parity`'s answer "the backends disagree", apart from 1 (our bug) and 2 (bad input).
 PARITY_FAILED = 3
 
@@ -42,24 +47,26 @@ def main():
 @click.option("--models", help=f"Comma-separated: {names_help()} or a converted directory. "
               f"[default: {FULL['models']}]")
 @click.option("--prompt-lengths",
-              help=f"Prefill prompt lengths. [default: {FULL['prompt_lengths']}]")
+              help=f"Prefill prompt lengths. {_default('prompt_lengths')}")
 @click.option("--decode-contexts",
-              help=f"Contexts to decode at. [default: {FULL['decode_contexts']}]")
+              help=f"Contexts to decode at. {_default('decode_contexts')}")
 @click.option("--gen-tokens", type=int,
-              help=f"Decode tokens per run. [default: {FULL['gen_tokens']}]")
-@click.option("--repeats", type=int, help=f"Timed repeats per setting. [default: {FULL['repeats']}]")
+              help=f"Decode tokens per run. {_default('gen_tokens')}")
+@click.option("--repeats", type=int, help=f"Timed repeats per setting. {_default('repeats')}")
 @click.option("--warmup", type=int,
-              help=f"Untimed warm-up runs per setting. [default: {FULL['warmup']}]")
+              help=f"Untimed warm-up runs per setting. {_default('warmup')}")
 @click.option("--prompts", type=click.Choice(KINDS), default="real", show_default=True,
               help="Prompt text for the timed runs (routing always compares all three).")
 @click.option("--routing-tokens", type=int,
               help="Prompt length of the real-vs-dummy routing phase (0: skip). "
-                   f"[default: {FULL['routing_tokens']}]")
+                   f"{_default('routing_tokens')}")
 @click.option("--weights", type=click.Path(), help="A converted MobileMoE directory to use "
               "instead of synthetic weights (for the one MoE model in --models).")
 @click.option("--out", default="results", show_default=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an earlier run's results in --out.")
 @click.option("--quick", is_flag=True, help="Tiny models and short settings (tests, smoke runs).")
+@click.option("--full", is_flag=True, help="The paper's protocol even on a CPU, where it takes "
+              "days (a CPU otherwise runs short settings unless protocol options are given).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Activation and KV dtype. [default: float16 on a GPU (Metal, CUDA), float32 on CPU]")
 @click.option("--bits", type=int, default=4, show_default=True,
@@ -76,10 +83,12 @@ def main():
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, prompts,
-        routing_tokens, weights, out, force, quick, dtype, bits, group_size, prefill_step, bandwidth,
+        routing_tokens, weights, out, force, quick, full, dtype, bits, group_size, prefill_step, bandwidth,
         seed, no_plots, no_progress, verbose):
     """Measure prefill, decode and memory; write results.json, report.md, plots.
 
+    The paper's protocol by default; on a CPU, where that takes days, short
+    settings unless --full or a protocol option is given (the run says which).
     Settings estimated at more than an hour are asked about first when stdin is
     a terminal (the default answer is no); Ctrl-C stops the run within a second
     and keeps what was measured."""
@@ -88,17 +97,19 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
 
         from .run import NotStarted, run_benchmark
 
+        given = dict(prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
+                     gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                     routing_tokens=routing_tokens)
+        runtime = current()
+        defaults, protocol = choose_protocol(given, quick, full, runtime.backend)
         s = protocol_settings(
-            dict(prompt_lengths=prompt_lengths, decode_contexts=decode_contexts,
-                 gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                 routing_tokens=routing_tokens), quick, prefill_step,
-            prompts=prompts, dtype=dtype or current().compute_dtype, bits=bits, group_size=group_size,
+            given, quick, prefill_step, defaults, prompts=prompts,
+            dtype=dtype or runtime.compute_dtype, bits=bits, group_size=group_size,
             seed=seed, bandwidth_gbps=bandwidth)
         check(bandwidth is None or (math.isfinite(bandwidth) and bandwidth > 0),
               f"--bandwidth must be a positive figure in GB/s, not {bandwidth}")
         _check_quant(bits, group_size)
-        names = [m.strip() for m in (models or (QUICK if quick else FULL)["models"]).split(",")
-                 if m.strip()]
+        names = [canonical(m) for m in (models or defaults["models"]).split(",") if m.strip()]
         if not names:
             raise UserError("--models names no model")
         # Only a person at a terminal can answer; a script keeps running as before.
@@ -106,7 +117,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
         try:
             run_benchmark(names, s, out, weights=weights, progress=not no_progress,
                           plots=not no_plots, log=lambda m: click.echo(m, err=True),
-                          confirm=ask, hard_stop=True, force=force)
+                          confirm=ask, hard_stop=True, force=force, protocol=protocol)
         except KeyboardInterrupt:
             sys.exit(130)  # run_benchmark said "interrupted" and wrote the report
         except NotStarted as e:
@@ -164,6 +175,8 @@ def report(run_dir, other, no_plots, verbose):
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
 def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, verbose):
     """Weights + KV cache + working memory against phone and Mac budgets."""
+    model = canonical(model)
+
     def go():
         import json
 
@@ -217,6 +230,8 @@ def parity(model, tokens, chunk, decode, dtype, layers, seed, as_json, verbose):
     Each layer is given the CPU's input to it, so its figures are its own error;
     the logits come from a free run. Exit code 3 when a figure is below its
     dtype's threshold (the first such layer is named), 0 when all agree."""
+    model = canonical(model)
+
     def go():
         import json
 
@@ -250,11 +265,14 @@ def parity(model, tokens, chunk, decode, dtype, layers, seed, as_json, verbose):
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the tokens and of a preset's weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@click.option("--no-progress", is_flag=True, help="No estimate and no progress bar on stderr.")
 @click.option("--verbose", is_flag=True, help="Tracebacks on errors.")
-def profile(model, context, chunk, dtype, repeats, seed, as_json, verbose):
+def profile(model, context, chunk, dtype, repeats, seed, as_json, no_progress, verbose):
     """Where one decode step and one prefill chunk spend their time on this
     backend, by kind of op (attention, norms and RoPE, router, experts, head),
     and how many graph nodes and kernels they have. docs/profile.md explains it."""
+    model = canonical(model)
+
     def go():
         import json
 
@@ -262,10 +280,31 @@ def profile(model, context, chunk, dtype, repeats, seed, as_json, verbose):
 
         check(seed >= 0, f"--seed must be 0 or more, not {seed}")
         check_settings(model, context, chunk, repeats)
-        p = run_profile(build_model(model, dtype, seed), context, chunk, repeats, seed)
+        bar = None if no_progress else _profile_estimate(model, context, chunk, repeats, dtype)
+        built = build_model(model, dtype, seed)
+        p = run_profile(built, context, chunk, repeats, seed, progress=bar)
         click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_profile(p))
 
     run_cli(go, verbose)
+
+
+def _profile_estimate(model: str, context: int, chunk: int, repeats: int, dtype):
+    """Print `bench profile`'s estimate as `bench run` prints its own, and return
+    the progress bar (bench run's) it will update."""
+    from mobilemoe_mlx.runtime import current
+
+    from .estimate import estimate_line, measured_flops, profile_work
+    from .harness import Progress
+    from .models import config_for, is_checkpoint_name
+
+    runtime = current()
+    dtype = dtype or runtime.compute_dtype
+    work = profile_work(config_for(model), context, chunk, repeats)
+    rate = measured_flops(dtype)
+    first = "loading" if is_checkpoint_name(model) else "building"
+    click.echo(f"{estimate_line(sum(work.values()) / rate, rate, dtype, runtime.backend)}, "
+               f"after {first} {model}", err=True)
+    return Progress(sum(work.values()))
 
 
 # The export commands of the Swift benchmark and parity test (ios/), in bench/export.py.

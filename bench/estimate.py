@@ -84,17 +84,40 @@ class Estimate(NamedTuple):
     advice: str  # how to shorten the run
 
 
+def estimate_line(seconds: float, flops_per_s: float, dtype: str, backend: str) -> str:
+    """The line `bench run` and `bench profile` print before they start."""
+    return (f"estimated time: {'' if seconds < 60 else 'about '}{duration(seconds)} "
+            f"({flops_per_s / 1e9:.2f} GFLOP/s measured for {dtype} INT4 matmuls on the "
+            f"{backend} backend)")
+
+
 def announce(configs: Dict[str, dict], s: Settings, backend: str, log) -> Estimate:
     """Log the estimate (and a warning with what shortens it, when it is hours)."""
     rate = measured_flops(s.dtype)
     seconds = run_seconds(configs, s, rate)
-    log(f"estimated time: {'' if seconds < 60 else 'about '}{duration(seconds)} ({rate / 1e9:.2f} GFLOP/s measured for "
-        f"{s.dtype} INT4 matmuls on the {backend} backend)")
+    log(estimate_line(seconds, rate, s.dtype, backend))
     advice = shorter(configs, s, rate, backend)
     if seconds > HOURS_WARNING:
         log(f"warning: these settings will take hours here ({_biggest(configs, s)}); {advice} "
             "(Ctrl-C stops a run and keeps what was measured)")
     return Estimate(seconds, advice)
+
+
+def profile_steps(repeats: int) -> int:
+    """Runs of each step `bench profile` makes: one to count its graph, then a
+    warm-up and `repeats` timed runs, each plain and instrumented."""
+    return 1 + 2 * (repeats + 1)
+
+
+def profile_work(config: dict, context: int, chunk: int, repeats: int) -> Dict[str, float]:
+    """FLOPs of `bench profile`'s parts: filling the KV cache, the decode steps,
+    the prefill chunks (by bench/profile.py's run_profile)."""
+    runs = profile_steps(repeats)
+    chunks = (analytic.prefill_flops(config, context + chunk)
+              - analytic.prefill_flops(config, context)) if chunk else 0.0
+    return {"fill": analytic.prefill_flops(config, context) if context else 0.0,
+            "decode": runs * analytic.decode_flops_per_token(config, context),
+            "prefill": runs * chunks}
 
 
 def shorter(configs: Dict[str, dict], s: Settings, flops_per_s: float, backend: str) -> str:

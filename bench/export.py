@@ -320,6 +320,10 @@ def export_prompts(model_dir, out, name, force, verbose, **opts):
 def export_synthetic(name, out, dtype, bits, group_size, force, verbose, **opts):
     """Write a preset with random weights (e.g. the dense baseline) as a model
     directory the Swift benchmark loads, with its bench plan."""
+    from .models import canonical
+
+    name = canonical(name)
+
     def go():
         from mobilemoe_mlx.output_dir import atomic_output_dir, check_output_dir
 

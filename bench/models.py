@@ -31,6 +31,13 @@ PEER_NAMES = tuple(PEER_PREFIX + p for p in PRESETS)
 MODEL_NAMES = (*PRESETS, *DENSE_NAMES, *PEER_NAMES)
 
 
+def canonical(name: str) -> str:
+    """A --model or --models entry with a preset's name spelled as MODEL_NAMES
+    spells it, whatever its case (config.preset_name's rule: `s` is S, `PRO`
+    is pro, `glm4-s` is glm4-S); anything else, a directory, as given."""
+    return {known.lower(): known for known in MODEL_NAMES}.get(name.strip().lower(), name)
+
+
 def names_help() -> str:
     """Every preset name model_config() takes, for the options' help."""
     return (f"{', '.join(PRESETS + DENSE_NAMES)}, {', '.join(PEER_NAMES)} (mlx-lm's glm4_moe "

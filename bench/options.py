@@ -4,7 +4,7 @@ run follows the same settings a Python run would. Light to import (no mlx-lm):
 the command line's help is built from it."""
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.planner import PREFILL_CHUNK
@@ -41,6 +41,41 @@ def _as_options(s: Settings, models: str) -> dict:
 QUICK = _as_options(Settings(prompt_lengths=[16, 32], decode_contexts=[16, 48], gen_tokens=4,
                              repeats=2, warmup=1, routing_tokens=32), "tiny,pro-tiny")
 FULL = _as_options(Settings(), "S,pro")
+# Where MLX runs on the CPU the paper's protocol takes days (`bench run`'s
+# estimate read 76 hours on a shared 2-core Linux box, 2026-12-06): without
+# protocol options, a CPU run takes these, the same models at one short
+# setting of each phase.
+CPU_SHORT = _as_options(Settings(prompt_lengths=[128], decode_contexts=[128], gen_tokens=16,
+                                 repeats=2, warmup=1, routing_tokens=128), "S,pro")
+PROTOCOL_OPTIONS = ("prompt_lengths", "decode_contexts", "gen_tokens", "repeats", "warmup",
+                    "routing_tokens")
+
+
+def choose_protocol(given: dict, quick: bool, full: bool, backend: str) -> Tuple[dict, str]:
+    """The option values the protocol options in `given` (None: not given) fall
+    back on, and a line saying which protocol runs and why. `backend` is
+    runtime.current().backend: a CPU gets CPU_SHORT unless the user asked for
+    settings (--full, --quick, or any protocol option)."""
+    from mobilemoe_mlx.runtime import CPU
+
+    check(not (quick and full), "--quick and --full pick different protocols: give one")
+    if quick:
+        return QUICK, "protocol: --quick (tiny models, short settings: a smoke test)"
+    named = [f"--{k.replace('_', '-')}" for k in PROTOCOL_OPTIONS if given.get(k) is not None]
+    if full or named or backend != CPU:
+        why = ("--full" if full else f"{', '.join(named)} given" if named
+               else f"the {backend} backend")
+        return FULL, (f"protocol: the paper's ({why}; options not given take its values: "
+                      f"{_describe(FULL)})")
+    return CPU_SHORT, (f"protocol: short CPU settings ({_describe(CPU_SHORT)}), as MLX runs on "
+                       "the CPU here, where the paper's protocol takes days; --full runs the "
+                       "paper's, and any protocol option starts from it")
+
+
+def _describe(o: dict) -> str:
+    return (f"prompts {o['prompt_lengths']}, decode at {o['decode_contexts']}, "
+            f"{o['gen_tokens']} tokens, {o['warmup']} warm-up + {o['repeats']} repeats, "
+            f"routing {o['routing_tokens']}")
 
 
 def check(ok: bool, message: str) -> None:
@@ -58,10 +93,13 @@ def ints(text: str, option: str) -> List[int]:
     return values
 
 
-def protocol_settings(given: dict, quick: bool, prefill_step: int, **fixed) -> Settings:
+def protocol_settings(given: dict, quick: bool, prefill_step: int,
+                      defaults: Optional[dict] = None, **fixed) -> Settings:
     """Settings from the protocol options in `given` (None: not given), over
-    --quick's or the paper's defaults, each checked; `fixed` sets the rest."""
-    opts = {**(QUICK if quick else FULL), **{k: v for k, v in given.items() if v is not None}}
+    `defaults` (choose_protocol's; else --quick's or the paper's), each checked;
+    `fixed` sets the rest."""
+    base = defaults or (QUICK if quick else FULL)
+    opts = {**base, **{k: v for k, v in given.items() if v is not None}}
     check(opts["repeats"] >= 1, f"--repeats must be at least 1, not {opts['repeats']}")
     check(opts["gen_tokens"] >= 1, f"--gen-tokens must be at least 1, not {opts['gen_tokens']}")
     check(opts["warmup"] >= 0, f"--warmup must be 0 or more, not {opts['warmup']}")

@@ -406,11 +406,14 @@ class Stepper:
 
 
 def profile_phase(model: nn.Module, make_step: Callable[[], Callable], kind: str, tokens: int,
-                  context: int, repeats: int, backend: str, head: bool) -> Phase:
+                  context: int, repeats: int, backend: str, head: bool,
+                  on_step: Callable[[str], None] = lambda what: None) -> Phase:
     """Time the step `make_step()` builds `repeats` times with and without
-    wrappers (after one untimed run of each), and count its graph."""
+    wrappers (after one untimed run of each), and count its graph. `on_step`
+    is told after each run of the step (estimate.profile_steps of them)."""
     clock = Clock()
     graph = classify(graph_primitives(*_arrays(make_step()())), backend)
+    on_step(f"{kind}: graph counted")
     plain, plain_build, runs = [], [], []
     for r in range(repeats + 1):
         step = make_step()
@@ -419,8 +422,10 @@ def profile_phase(model: nn.Module, make_step: Callable[[], Callable], kind: str
         t1 = time.perf_counter()
         _force(out)
         t2 = time.perf_counter()
+        on_step(f"{kind}: {'warm-up' if not r else f'run {r}/{repeats}'}, plain")
         with instrumented(model, clock, head):
             run = clock.step(make_step())
+        on_step(f"{kind}: {'warm-up' if not r else f'run {r}/{repeats}'}, instrumented")
         if r:  # the first of each is a warm-up
             plain.append(t2 - t0)
             plain_build.append(t1 - t0)
@@ -437,30 +442,42 @@ def profile_phase(model: nn.Module, make_step: Callable[[], Callable], kind: str
 
 
 def run_profile(built, context: int, chunk: int, repeats: int, seed: int = 0,
-                fill_step: Optional[int] = None) -> Profile:
+                fill_step: Optional[int] = None, progress=None) -> Profile:
     """Profile `built` (bench.models.Built): a decode step at `context` tokens of
     KV cache and, unless `chunk` is 0, a prefill chunk of `chunk` tokens after
     `context` tokens. The cache is filled in chunks of `fill_step` (default
-    `chunk`, or the planner's chunk)."""
+    `chunk`, or the planner's chunk). `progress`: a bench.harness.Progress
+    whose total is the FLOPs of estimate.profile_work, updated as they are done."""
     import numpy as np
 
     from mobilemoe_mlx.planner import PREFILL_CHUNK
     from mobilemoe_mlx.runtime import current
 
+    from .estimate import profile_steps, profile_work
     from .models import describe_storage
 
     rt = current()
     model = built.model
+    work, runs = profile_work(built.config, context, chunk, repeats), profile_steps(repeats)
+
+    def ticker(part: str) -> Callable[[str], None]:
+        return lambda what: progress and progress.update(work[part] / runs, what)
+
     rng = np.random.default_rng(seed)
     vocab = model.args.vocab_size
     stepper = Stepper(model, rng.integers(0, vocab, context).astype(np.int32),
                       int(rng.integers(0, vocab)), fill_step or chunk or PREFILL_CHUNK)
+    if progress:
+        progress.update(work["fill"], f"KV cache filled to {context} tokens")
     phases = [profile_phase(model, stepper.decode, "decode", 1, context, repeats, rt.backend,
-                            head=True)]
+                            head=True, on_step=ticker("decode"))]
     if chunk:
         ids = rng.integers(0, vocab, chunk).astype(np.int32)
         phases.append(profile_phase(model, lambda: stepper.prefill(ids), "prefill", chunk,
-                                    context, repeats, rt.backend, head=False))
+                                    context, repeats, rt.backend, head=False,
+                                    on_step=ticker("prefill")))
+    if progress:
+        progress.close()
     return Profile(built.label, rt.backend, rt.device, built.dtype,
                    describe_storage(built.quant.bits, built.quant.group_size, built.dtype),
                    repeats, sync_cost(), phases)

@@ -80,7 +80,8 @@ def validate_models(models: List[str], settings: Settings, weights: Optional[str
 def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optional[str] = None,
                   progress: bool = True, plots: bool = True, log=print,
                   confirm: Optional[Callable[[str], bool]] = None,
-                  hard_stop: bool = False, force: bool = False) -> dict:
+                  hard_stop: bool = False, force: bool = False,
+                  protocol: Optional[str] = None) -> dict:
     """Measure `models` (names or converted directories) and write
     out_dir/results.json and out_dir/report.md. Ctrl-C stops the run and keeps
     every model entry measured so far (results.json says "interrupted"); the
@@ -90,12 +91,13 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     False answer raises NotStarted, with nothing written). `hard_stop` ends
     the process within a second of Ctrl-C even inside MLX (bench/interrupt.py):
     for the command line, never for a caller that must keep running. An
-    earlier run's results.json in `out_dir` is replaced only with `force`."""
+    earlier run's results.json in `out_dir` is replaced only with `force`.
+    `protocol`: the line saying which protocol runs and why, logged before the estimate."""
     replaced = validate_models(models, settings, weights)
     out = Path(out_dir)
     created = prepare_out_dir(out_dir, force)  # before anything is measured or asked
     try:
-        machine = _announce(models, weights, replaced, settings, log, confirm)
+        machine = _announce(models, weights, replaced, settings, log, confirm, protocol)
     except BaseException as e:
         remove_created(created)  # nothing was written: leave nothing behind
         if isinstance(e, KeyboardInterrupt):
@@ -142,7 +144,8 @@ def run_benchmark(models: List[str], settings: Settings, out_dir, weights: Optio
     return results
 
 
-def _announce(models, weights, replaced, settings: Settings, log, confirm) -> dict:
+def _announce(models, weights, replaced, settings: Settings, log, confirm,
+              protocol: Optional[str] = None) -> dict:
     """The machine line and the time estimate; asks `confirm` when it is over
     an hour. Returns the machine's description."""
     if settings.bandwidth_gbps is None:
@@ -154,6 +157,8 @@ def _announce(models, weights, replaced, settings: Settings, log, confirm) -> di
     note = current_runtime().timing_note()
     log(f"{m['chip']}, {m['backend']} backend, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
         + (f"  ({note})" if note else ""))
+    if protocol:
+        log(protocol)
     configs = _configs(models, weights, replaced)
     estimate = announce(configs, settings, m["backend"], log)
     if estimate.seconds > HOURS_WARNING and confirm is not None and not confirm(

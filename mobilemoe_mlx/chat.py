@@ -264,11 +264,11 @@ class ChatSession:
                                     self.expert_log.distinct(0, prompt_tokens)))
         turn.take(run, max_tokens, self.num_draft_tokens if self.draft_model is not None else None)
         if turn.finish == "length" and max_tokens < self.sampling.max_tokens:
-            turn.notes.append(
-                f"the answer reached the end of the {self.context}-token context; "
-                + ("/reset starts afresh" if had_history else
-                   "a shorter message" + (" or system prompt" if self.system else "")
-                   + " leaves more room"))
+            # The context, not --max-tokens, cut it: the stats line says so, once.
+            turn.ended = (f"reached the end of the {self.context}-token context ("
+                          + ("/reset starts afresh" if had_history else
+                             "a shorter message" + (" or system prompt" if self.system else "")
+                             + " leaves more room") + ")")
 
     def _remember(self, user: str, rendered: str, target: List[int], turn: Turn,
                   fed: List[int]) -> None:

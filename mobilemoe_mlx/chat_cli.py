@@ -30,7 +30,7 @@ class Finite(click.FloatRange):
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", default="S", show_default=True,
-              help="S, M or L (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
+              help="S, M or L, any case (facebook/MobileMoE-{S,M,L}-QAT), a Hub repo id, a checkpoint "
                    "directory or weights file, or a converted MLX directory.")
 @click.option("--variant", type=click.Choice(["qat", "sft", "base"]), default=None,
               help="Release of --model S|M|L: qat (INT4, the default), sft (bf16, quantized "

@@ -53,15 +53,27 @@ def stats_line(turn: Turn) -> str:
     if turn.finish == "interrupted" and not turn.generation_tokens:
         return f"stopped while reading the {turn.prefilled}-token prompt (the message is not kept)"
     parts = [f"{turn.generation_tokens} tokens",
-             f"prompt {turn.prefilled} tok at {turn.prompt_tps:.1f} tok/s",
-             f"generation {turn.generation_tps:.1f} tok/s",
+             f"prompt {turn.prefilled} tok" + _at(rate(turn.prefilled, turn.prompt_tps)),
+             (f"generation {rate(turn.generation_tokens, turn.generation_tps)}"
+              if turn.generation_tokens >= 2 else "no generation rate from one token"),
              f"peak memory {_size(turn.peak_memory_gb)}"]
     if turn.drafted or turn.accepted:
         parts.append(f"draft accepted {turn.accepted}/{turn.drafted} "
                      f"({100 * turn.accepted / max(turn.drafted, 1):.0f}%)")
     if turn.finish in ("interrupted", "length"):
-        parts.append("stopped" if turn.finish == "interrupted" else "max tokens reached")
+        parts.append("stopped" if turn.finish == "interrupted" else turn.ended)
     return ", ".join(parts)
+
+
+def rate(tokens: int, per_second: float) -> str:
+    """"N tok/s", or "" from fewer than two tokens: no rate is shown from one
+    token (a one-token answer's generation clock runs over next to no time:
+    it read 4044.8 tok/s). bench's decode rates follow the same rule."""
+    return f"{per_second:.1f} tok/s" if tokens >= 2 else ""
+
+
+def _at(shown: str) -> str:
+    return f" at {shown}" if shown else ""
 
 
 def _size(gb: float) -> str:

@@ -2,9 +2,10 @@
 needs of its tokenizer, and what can be refused before anything is downloaded,
 converted or loaded.
 
-The refusals come as early as the files allow: a checkpoint without a chat
-template (unless raw) and a `--kv-bits` its heads cannot take are refused just
-before a conversion starts (loading.py's `before_converting`); a `--system`
+The refusals come as early as the files allow: a `--kv-bits` its heads cannot
+take is refused before anything happens wherever the checkpoint's config.json
+is on this machine, else with a checkpoint without a chat template (unless raw)
+just before a conversion starts (loading.py's `before_converting`); a `--system`
 prompt too long for the context is refused before anything at all happens
 wherever the checkpoint's config.json and tokenizer are already on this machine
 (a local directory or weights file, converted or not, or a Hub repo in the
@@ -22,19 +23,9 @@ import mlx.core as mx
 from .chat import check_system_fits
 from .chat_options import kv_group_size
 from .errors import UserError
+from .hub import model_source  # noqa: F401 - chat's name for it
 
-SIZES = ("S", "M", "L")
-VARIANTS = {"qat": "QAT", "sft": "SFT", "base": "Base"}
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
-
-
-def model_source(model: str, variant: Optional[str] = None) -> str:
-    """`S`, `M` or `L` -> the released repo of `variant` (default qat); anything else as given."""
-    if model.upper() in SIZES and not Path(model).exists():
-        return f"facebook/MobileMoE-{model.upper()}-{VARIANTS[variant or 'qat']}"
-    if variant is not None:
-        raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
-    return model
 
 
 def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,
@@ -48,6 +39,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     from .loading import load
     from .planner import fits_warning
 
+    check_kv_bits(source, revision, kv_bits)
     measured = raw or not system or measure_system_prompt(source, revision, system)
 
     def before_converting(config: dict, folder: Path) -> None:
@@ -85,6 +77,24 @@ def _for_chat(tokenizer) -> None:
     # The session measures prompts against the context itself; transformers' warning
     # about encoding more than model_max_length tokens would only be a stray stderr line.
     tokenizer._tokenizer.model_max_length = sys.maxsize
+
+
+def check_kv_bits(source: str, revision: Optional[str], kv_bits: Optional[int]) -> None:
+    """Refuse a `kv_bits` the model's heads cannot take from its config.json,
+    before anything is loaded, wherever that file is on this machine (the load
+    that follows refuses it otherwise, before converting)."""
+    if kv_bits is None:
+        return
+    folder = _files_on_this_machine(source, revision)
+    if folder is None:
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    except Exception:  # noqa: BLE001 - no such file, or a damaged one: the load says what is wrong
+        return
+    if isinstance(head_dim, int) and head_dim > 0:
+        kv_group_size(head_dim, kv_bits)
 
 
 def measure_system_prompt(source: str, revision: Optional[str], system: str) -> bool:

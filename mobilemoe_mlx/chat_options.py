@@ -121,7 +121,7 @@ class ChatOptions:
     prompt: Optional[str] = None  # answer this one message and exit
 
     def __post_init__(self):
-        from .chat_model import SIZES
+        from .hub import release_repo
 
         check_seed(self.seed)
         for option, text in (("--prompt", self.prompt), ("--system", self.session.system)):
@@ -130,8 +130,9 @@ class ChatOptions:
                                 "the shell's encoding")
         if self.prompt is not None and not self.prompt.strip():
             raise UserError("--prompt is empty: give a message, or leave --prompt out to chat")
-        if self.model.upper() in SIZES and self.variant == "base" and not self.session.raw:
-            raise UserError(f"MobileMoE-{self.model.upper()}-Base has no chat template: add "
+        base = release_repo(self.model, "base") if self.variant == "base" else None
+        if base is not None and not self.session.raw:
+            raise UserError(f"{base.split('/')[1]} has no chat template: add "
                             "--raw to continue plain text, or chat with --variant qat or sft")
         if self.session.speculative != (self.draft is not None):
             raise ValueError("session.speculative must say whether there is a draft")
@@ -139,13 +140,13 @@ class ChatOptions:
     def sources(self) -> Tuple[str, Optional[str]]:
         """The model's source and the draft's (None without --draft), each checked
         to be a path or a repo id before anything is fetched."""
-        from .chat_model import SIZES, model_source
+        from .hub import model_source, release_repo
         from .loading import check_source_argument
 
         source = model_source(self.model, self.variant)
         check_source_argument(source, "--model")
         if self.draft is None:
             return source, None
-        draft = model_source(self.draft, self.variant if self.draft.upper() in SIZES else None)
+        draft = model_source(self.draft, self.variant if release_repo(self.draft) else None)
         check_source_argument(draft, "--draft")
         return source, draft

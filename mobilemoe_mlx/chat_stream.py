@@ -53,6 +53,7 @@ class Turn:
     tokens: List[int] = field(default_factory=list)  # the answer's, without the stop token
     prefilled: int = 0  # prompt tokens fed to the model for this turn
     finish: str = ""  # "stop", "length", "interrupted" or "skipped"
+    ended: str = "max tokens reached"  # what a "length" finish hit: --max-tokens or the context
     generation_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
@@ -69,8 +70,11 @@ class Turn:
         if run.response is not None:
             r = run.response
             self.finish = r.finish_reason or "interrupted"
-            self.generation_tokens = r.generation_tokens
-            self.prompt_tps, self.generation_tps = r.prompt_tps, r.generation_tps
+            self.generation_tokens = n = r.generation_tokens
+            self.prompt_tps = r.prompt_tps
+            # mlx-lm starts the generation clock once the first token is out but counts
+            # that token: its rate is n tokens over n - 1 steps. Ours is the steps'.
+            self.generation_tps = r.generation_tps * (n - 1) / n if n >= 2 else 0.0
             self.peak_memory_gb = r.peak_memory
         if run.stopped or run.hard_stop:
             self.finish = "interrupted"

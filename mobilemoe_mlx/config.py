@@ -8,7 +8,7 @@ import copy
 import json
 import math
 import re
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from . import analytic
 from .errors import UserError
@@ -68,14 +68,24 @@ _SHAPES = {
 }
 
 PRESETS = tuple(_SHAPES)
+RELEASED_SIZES = ("S", "M", "L")  # the presets Meta released checkpoints of
+
+
+def preset_name(name: str) -> Optional[str]:
+    """The preset `name` means, spelled as PRESETS spells it, or None. The one
+    rule for model sizes on every command line (chat, convert, bench,
+    synthetic): case does not matter, so `s` is S and `TINY` is tiny."""
+    return {p.lower(): p for p in PRESETS}.get(name.strip().lower())
 
 
 def preset_config(name: str) -> Dict[str, Any]:
-    """A full config.json dict for a named preset (S, M, L or tiny)."""
-    if name not in _SHAPES:
-        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    """A full config.json dict for a named preset (S, M, L or tiny, any case)."""
+    preset = preset_name(name)
+    if preset is None:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
+                        "(any case)")
     config = copy.deepcopy(_COMMON)
-    config.update(_SHAPES[name])
+    config.update(_SHAPES[preset])
     layers = config["num_hidden_layers"]
     config["no_rope_layers"] = [1] * layers
     config["layer_types"] = ["full_attention"] * layers

@@ -27,10 +27,13 @@ from .errors import OneLineCommand, run_cli
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
 def main(source, out, dtype, quantize, q_bits, q_group_size, force, revision, verbose):
-    """Convert SOURCE (a Hub repo id, a checkpoint directory or a weights file)."""
+    """Convert SOURCE (S, M or L in any case: the QAT release on the Hub; a Hub
+    repo id, a checkpoint directory or a weights file)."""
 
     def run():
-        path = convert(source, out, dtype=dtype, quantize=quantize, q_bits=q_bits,
+        from .hub import model_source
+
+        path = convert(model_source(source), out, dtype=dtype, quantize=quantize, q_bits=q_bits,
                        q_group_size=q_group_size, force=force, revision=revision)
         click.echo(f"wrote {path}")
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .config import RELEASED_SIZES, preset_name
 from .errors import UserError
 
 # Only what conversion reads: never the repo's remote code or other formats.
@@ -17,6 +18,30 @@ _METADATA_PATTERNS = ["*.json", "*.jinja", "tokenizer*"]
 _WEIGHT_PATTERNS = [["*.safetensors"], ["*.bin", "*.pt", "*.pth"]]
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+VARIANTS = {"qat": "QAT", "sft": "SFT", "base": "Base"}  # --variant: the releases of a size
+_RELEASE = re.compile(r"^facebook/MobileMoE-([SML])-(QAT|SFT|Base)$")
+
+
+def release_repo(name: str, variant: Optional[str] = None) -> Optional[str]:
+    """The Hub repo of the released size `name` (S, M or L, any case; see
+    config.preset_name) in `variant` (default qat), or None for any other name."""
+    size = preset_name(name)
+    if size not in RELEASED_SIZES:
+        return None
+    return f"facebook/MobileMoE-{size}-{VARIANTS[variant or 'qat']}"
+
+
+def model_source(model: str, variant: Optional[str] = None) -> str:
+    """What a command line's model argument means: a size (S, M, L, any case) is
+    its released repo, unless a file or directory of that name exists here;
+    anything else is used as given (a path or a repo id)."""
+    repo = None if Path(model).expanduser().exists() else release_repo(model, variant)
+    if repo is not None:
+        return repo
+    if variant is not None:
+        raise UserError(f"--variant picks a release of --model S, M or L, not of {model}")
+    return model
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -45,32 +70,28 @@ def _explain(repo_id: str, error: Exception) -> UserError:
     page = f"https://huggingface.co/{repo_id}"
     if isinstance(error, errors.GatedRepoError):
         return UserError(
-            f"{repo_id} is gated: accept the license on {page}, then log in with "
+            f"{_named(repo_id)} is gated: accept the license on {page}, then log in with "
             "`hf auth login` (or set HF_TOKEN), or pass a local checkpoint path"
         )
     if isinstance(error, errors.RevisionNotFoundError):
-        return UserError(f"{repo_id} has no such revision; check --revision")
+        return UserError(f"{_named(repo_id)} has no such revision; check --revision")
     if isinstance(error, errors.RepositoryNotFoundError):
         return UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it was not found, or you are not "
-            "logged in to see it: check the path or the name; for a Hub repo accept the "
-            "license on the model page and run `hf auth login`"
+            f"{_as_hub_repo(repo_id)} was not found, or you are not logged in to see it: "
+            f"{_check(repo_id, '; ')}for a Hub repo accept the license on the model page and run "
+            "`hf auth login`"
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
-        return UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
-            "Face Hub is unreachable and the repo is not in the local cache; check the path, "
-            "connect to the network, or pass a local checkpoint path"
-        )
+        return unreachable(repo_id)
     if isinstance(error, errors.HFValidationError):
         return UserError(f"{repo_id!r} is neither an existing path nor a Hub repo id")
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
         return UserError(
-            f"the Hub refused access to {repo_id} (HTTP {status}): log in with "
+            f"the Hub refused access to {_named(repo_id)} (HTTP {status}): log in with "
             f"`hf auth login` and accept the license on {page}"
         )
-    return UserError(f"could not download {repo_id}: {error}")
+    return UserError(f"could not download {_named(repo_id)}: {error}")
 
 
 def fetch_checkpoint(repo_id: str, revision: Optional[str] = None) -> Tuple[Path, str]:
@@ -92,7 +113,7 @@ def fetch_checkpoint(repo_id: str, revision: Optional[str] = None) -> Tuple[Path
                 return path, path.name
     except Exception as e:  # the Hub client raises its own and its transport's errors
         raise _explain(repo_id, e) from e
-    raise UserError(f"{repo_id} holds no weights file (.safetensors, .bin, .pt, .pth)")
+    raise UserError(f"{_named(repo_id)} holds no weights file (.safetensors, .bin, .pt, .pth)")
 
 
 def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
@@ -104,7 +125,7 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     from huggingface_hub import HfApi, errors
 
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        if _offline_set():
             raise ConnectionError("HF_HUB_OFFLINE is set")
         commit = HfApi().model_info(repo_id, revision=revision).sha
     except (errors.HfHubHTTPError, errors.HFValidationError) as e:
@@ -112,11 +133,7 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     except Exception as e:  # no answer at all: offline, DNS, timeout
         if ref.exists():
             return ref.read_text().strip()
-        raise UserError(
-            f"{_no_directory(repo_id)}, and as a Hub repo it cannot be fetched: the Hugging "
-            f"Face Hub is unreachable ({type(e).__name__}) and the repo has not been converted "
-            "here before; check the path, connect to the network, or pass a local checkpoint path"
-        ) from e
+        raise unreachable(repo_id) from e
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
@@ -125,7 +142,36 @@ def resolve_revision(repo_id: str, revision: Optional[str] = None) -> str:
     return commit
 
 
-def _no_directory(repo_id: str) -> str:
-    """The first half of a message about a repo id that could also be a path
-    (`mlx/MobileMoE-S` is both): that there is no such directory."""
-    return f"there is no directory {repo_id} in {Path.cwd()}"
+def _offline_set() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def unreachable(repo_id: str) -> UserError:
+    """The one message for a repo the Hub cannot be asked for and this machine
+    holds no copy of (chat, load() and convert all say it so, word for word)."""
+    return UserError(
+        f"{_as_hub_repo(repo_id)} cannot be fetched: the Hugging Face Hub is unreachable"
+        + (" (HF_HUB_OFFLINE is set)" if _offline_set() else "")
+        + " and this machine has neither a download nor a "
+        f"converted copy of it; {_check(repo_id, ', ')}connect to the network once, or pass a local "
+        "checkpoint path")
+
+
+def _as_hub_repo(repo_id: str) -> str:
+    """How a message names `repo_id`, in the user's terms: a released size as the
+    size they typed with its repo (`S (facebook/MobileMoE-S-QAT)`); any other
+    name, which could also be a path (`mlx/MobileMoE-S` is both), with the
+    directory that does not exist first."""
+    if _RELEASE.match(repo_id):
+        return _named(repo_id)
+    return f"there is no directory {repo_id} in {Path.cwd()}, and as a Hub repo it"
+
+
+def _named(repo_id: str) -> str:
+    """A released repo with the size a user types for it: `S (facebook/MobileMoE-S-QAT)`."""
+    release = _RELEASE.match(repo_id)
+    return f"{release.group(1)} ({repo_id})" if release else repo_id
+
+
+def _check(repo_id: str, then: str) -> str:
+    return "" if _RELEASE.match(repo_id) else "check the path or the name" + then

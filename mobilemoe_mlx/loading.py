@@ -160,9 +160,12 @@ def as_float32(a: mx.array) -> mx.array:
 
 
 def conversion_dtype() -> Optional[str]:
-    """float32 where MLX runs on the CPU (its half-precision CPU kernels are
-    10-40x slower); the converter's default (float16 for QAT) on a GPU."""
-    return None if current_runtime().half_precision_fast else "float32"
+    """The converter's default (float16 for QAT) on every backend: where MLX
+    runs on the CPU, load_converted casts to float32 in memory, as it does for
+    any float16 directory. A float32 cache entry would be a second, larger
+    copy of what convert.py writes (S: 907 MB against 757 MB), and the cast at
+    load time costs little (docs/conversion.md, "Converting on load")."""
+    return None
 
 
 def _local_cache_dir(path: Path, dtype: Optional[str]) -> Path:

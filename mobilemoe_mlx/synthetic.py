@@ -23,7 +23,7 @@ import click
 import mlx.core as mx
 import numpy as np
 
-from .config import preset_config
+from .config import preset_config, preset_name
 from .errors import OneLineCommand, UserError, run_cli
 from .layout import (
     BIAS,
@@ -197,8 +197,9 @@ def _is_synthetic(path: Path) -> bool:
 
 
 def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int = 0,
-                    force: bool = False) -> Path:
-    """Write a random checkpoint in the released `layout` (qat or bf16) at `preset`'s shape."""
+                    force: bool = False, progress: bool = False) -> Path:
+    """Write a random checkpoint in the released `layout` (qat or bf16) at `preset`'s
+    shape (any case: config.preset_name); `progress`: a progress bar on stderr."""
     if layout not in (QAT, FUSED):
         raise UserError(f"--layout must be {QAT} or {FUSED}, not {layout}")
     out_path = check_output_dir(out, force, _is_synthetic, "a synthetic checkpoint")
@@ -226,23 +227,30 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
             n: _silence_stop_tokens(args[0], _random_tensor(*args)) for n, args in m.items()}))
 
     with atomic_output_dir(out_path) as tmp:
-        write_shard(tmp / "model.safetensors", groups, fmt="pt")
+        from huggingface_hub.utils import tqdm
+
+        # On stderr, a tensor group at a time (S: 0.7 GB, half a minute on a CPU).
+        with tqdm(total=len(groups), desc=f"writing {preset_name(preset)}'s random weights", unit="tensor",
+                  disable=not progress) as bar:
+            write_shard(tmp / "model.safetensors", groups, on_group=bar.update, fmt="pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(tmp, config["vocab_size"])
     return out_path
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", default="tiny", show_default=True, help="S, M, L or tiny.")
+@click.option("--preset", default="tiny", show_default=True, help="S, M, L or tiny (any case).")
 @click.option("--layout", default=QAT, show_default=True, type=click.Choice([QAT, FUSED]),
               help="The released layout: qat (packed INT4, as the QAT release) or bf16.")
 @click.option("--out", required=True, help="Directory to create.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(preset, layout, out, seed, force, verbose):
+def main(preset, layout, out, seed, force, no_progress, verbose):
     """Write a random MobileMoE checkpoint in a released layout."""
-    run_cli(lambda: click.echo(write_synthetic(out, preset, layout, seed, force)), verbose)
+    run_cli(lambda: click.echo(write_synthetic(out, preset, layout, seed, force,
+                                               progress=not no_progress)), verbose)
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ def test_without_a_terminal_a_run_of_hours_starts_and_ctrl_c_stops_it(tmp_path):
     if ON_GPU:
         pytest.skip("the paper's settings take minutes on a GPU")
     out = tmp_path / "out"
-    p = _bench_process("--out", out, "--bandwidth", "100", "--dtype", "float32")
+    p = _bench_process("--full", "--out", out, "--bandwidth", "100", "--dtype", "float32")
     try:
         lines = _wait_for(p, "warning: these settings will take hours")
         rest, used, most, wall = _interrupt(p, after_cpu=2.0)
@@ -415,7 +415,7 @@ def test_at_a_terminal_a_run_of_hours_is_asked_about_first(tmp_path, answer):
         pytest.skip("the paper's settings take minutes on a GPU")
     pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
-    child = pexpect.spawn(sys.executable, ["-m", "bench", "run", "--out", str(out),
+    child = pexpect.spawn(sys.executable, ["-m", "bench", "run", "--full", "--out", str(out),
                                            "--bandwidth", "100", "--dtype", "float32"],
                           cwd=str(ROOT), env=dict(os.environ, TERM="dumb"), encoding="utf-8",
                           timeout=120)
