@@ -276,7 +276,8 @@ def profile(model, context, chunk, dtype, repeats, seed, as_json, no_progress, v
     def go():
         import json
 
-        from .profile import build_model, check_settings, format_profile, run_profile
+        from .profile.measure import build_model, check_settings, run_profile
+        from .profile.output import format_profile
 
         check(seed >= 0, f"--seed must be 0 or more, not {seed}")
         check_settings(model, context, chunk, repeats)

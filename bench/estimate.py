@@ -111,7 +111,7 @@ def profile_steps(repeats: int) -> int:
 
 def profile_work(config: dict, context: int, chunk: int, repeats: int) -> Dict[str, float]:
     """FLOPs of `bench profile`'s parts: filling the KV cache, the decode steps,
-    the prefill chunks (by bench/profile.py's run_profile)."""
+    the prefill chunks (by bench/profile/measure.py's run_profile)."""
     runs = profile_steps(repeats)
     chunks = (analytic.prefill_flops(config, context + chunk)
               - analytic.prefill_flops(config, context)) if chunk else 0.0

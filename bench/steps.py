@@ -12,6 +12,7 @@ import io
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -97,3 +98,28 @@ def probe_step(model: nn.Module, y: mx.array, cache, steps: int = 12):
             mx.eval(out)
             y = out[0]
     return primitives, builds
+
+
+@dataclass
+class Graph:
+    """The primitives of one step's graph, as built on `backend`'s streams."""
+    backend: str
+    kernels: Counter  # primitive name -> nodes that launch a kernel
+    views: Counter  # primitive name -> view nodes
+
+    @property
+    def nodes(self) -> int:
+        return sum(self.kernels.values()) + sum(self.views.values())
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "nodes": self.nodes,
+                "kernels": sum(self.kernels.values()), "views": sum(self.views.values()),
+                "kernels_by_primitive": dict(self.kernels.most_common()),
+                "views_by_primitive": dict(self.views.most_common())}
+
+
+def classify(counts: Counter, backend: str) -> Graph:
+    """`counts` (graph_primitives) split into kernels and views."""
+    kernels = Counter({k: n for k, n in counts.items() if k not in VIEW_PRIMITIVES})
+    views = Counter({k: n for k, n in counts.items() if k in VIEW_PRIMITIVES})
+    return Graph(backend, kernels, views)

@@ -1,4 +1,4 @@
-"""`bench profile` (bench/profile.py): time by op kind and node counts of one
+"""`bench profile` (bench/profile/): time by op kind and node counts of one
 decode step and one prefill chunk.
 
 The machine is shared, so no test asserts on a time beyond its sign; they check
@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 
 from bench.cli import main as bench_main
 from bench.models import build_synthetic, instantiate, model_config
-from bench.profile import (
+from bench.profile.clock import Clock, Timed, instrumented
+from bench.profile.groups import (
     ABSENT,
     ATTENTION,
     DENSE,
@@ -30,15 +31,10 @@ from bench.profile import (
     ROUTED,
     ROUTER,
     SHARED,
-    Clock,
-    Stepper,
-    Timed,
-    classify,
-    instrumented,
-    profile_phase,
     targets,
 )
-from bench.steps import VIEW_PRIMITIVES, graph_primitives
+from bench.profile.measure import Stepper, profile_phase
+from bench.steps import VIEW_PRIMITIVES, classify, graph_primitives
 
 
 def _bench(*args):
