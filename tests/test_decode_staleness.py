@@ -1,0 +1,174 @@
+"""The compiled decode step is never stale (issue 22, section 1).
+
+Whatever changes a model after its first compiled step, by any route MLX and
+mlx-lm give (on the model or on a submodule at any depth), the next
+generation must be the one the plain path gives, token for token. Every route
+below changes the tokens the model generates (checked against the unchanged
+model's), so a step that kept the old weights or the old structure fails.
+"""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+
+from bench.steps import graph_primitives
+from mobilemoe_mlx.model import DecoderLayer
+
+COMPILED_MARK = "DynamicSliceUpdate"  # as in test_compiled_decode.py
+PROMPT, NEW = 6, 8
+# Layers mlx-lm's LoRA converts today in this model (the routed experts' LoRA
+# is not in mlx-lm's list): the fused attention and shared-expert projections.
+LORA_KEYS = ["self_attn.qkv_proj", "self_attn.o_proj",
+             "feed_forward.shared_expert.gate_up_proj", "feed_forward.shared_expert.down_proj"]
+LORA = {"rank": 4, "scale": 4.0, "dropout": 0.0, "keys": LORA_KEYS}
+
+
+def generate(model, tokens: np.ndarray, compiled: bool, steps: int = NEW):
+    """Greedy tokens [B, steps] after a PROMPT-token prefill, and whether each
+    one-token step ran compiled."""
+    model.args.compiled_decode = compiled
+    try:
+        cache = make_prompt_cache(model)
+        y = mx.argmax(model(mx.array(tokens[:, :PROMPT]), cache=cache)[:, -1], axis=-1)
+        out, marks = [y], []
+        for _ in range(steps - 1):
+            logits = model(y[:, None], cache=cache)
+            marks.append(COMPILED_MARK in graph_primitives(logits))
+            y = mx.argmax(logits[:, -1], axis=-1)
+            out.append(y)
+        return np.array(mx.stack(out, axis=1)), marks
+    finally:
+        model.args.compiled_decode = True
+
+
+def noise(shape, scale=1.0):
+    return scale * mx.random.normal(shape)
+
+
+def convert_to_lora(model, tmp_path):
+    linear_to_lora_layers(model, model.args.num_hidden_layers, LORA)
+    # B set on each LoRA module itself (not through the model's own methods)
+    for layer in model.layers:
+        for _, m in layer.named_modules():
+            if "lora_b" in m:
+                m.lora_b = noise(m.lora_b.shape, 0.5)
+
+
+def saved_adapters(model, tmp_path):
+    """An adapter directory as mlx_lm.lora writes it, with non-zero A and B
+    shaped for this model's (quantized, fused) projections."""
+    config = {"fine_tune_type": "lora", "num_layers": model.args.num_hidden_layers,
+              "lora_parameters": LORA}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    weights = {}
+    for i, layer in enumerate(model.layers):
+        modules = dict(layer.named_modules())
+        for key in LORA_KEYS:
+            m = modules[key]
+            fan_in, fan_out = m.weight.shape[1] * 32 // m.bits, m.weight.shape[0]
+            weights[f"model.layers.{i}.{key}.lora_a"] = noise((fan_in, LORA["rank"]), 0.1)
+            weights[f"model.layers.{i}.{key}.lora_b"] = noise((LORA["rank"], fan_out), 0.5)
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights)
+    return tmp_path
+
+
+def optimizer_step(model):
+    """One SGD step (mlx.optimizers) with made-up gradients of every
+    trainable parameter, as a training loop applies them."""
+    grads = tree_map(lambda p: mx.random.normal(p.shape).astype(p.dtype),
+                     model.trainable_parameters())
+    optim.SGD(learning_rate=0.5).update(model, grads)
+
+
+def freeze_then_step(model):
+    """Freeze all but one layer's norms, then train: only those change."""
+    model.freeze()
+    model.layers[1].input_layernorm.unfreeze()
+    model.layers[1].post_attention_layernorm.unfreeze()
+    optimizer_step(model)
+    model.unfreeze()
+
+
+def signs(a):
+    return -a if a.dtype == mx.float32 and a.ndim == 1 else a
+
+
+def layer_norm_like(norm: nn.RMSNorm) -> nn.Module:
+    """A module of another class with the very arrays of `norm` (same names,
+    shapes and dtypes): only the module's identity says the step changed."""
+    ln = nn.LayerNorm(norm.weight.shape[0], bias=False)
+    ln.weight = norm.weight
+    return ln
+
+
+def ablate_experts(model):
+    """The expert-ablation study's change: in-place item assignment."""
+    for layer in model.layers:
+        layer.feed_forward.expert_bias[mx.arange(0, model.args.num_local_experts, 2)] = -1e4
+
+
+def quantize_routers(target):
+    nn.quantize(target, group_size=32, bits=2,
+                class_predicate=lambda p, m: p.endswith("router") and isinstance(m, nn.Linear))
+
+
+ROUTES = {
+    "update on the model": lambda m, t: m.update(
+        {"model": {"norm": {"weight": noise(m.model.norm.weight.shape)}}}),
+    "update on a submodule": lambda m, t: m.layers[1].feed_forward.update(
+        {"router": {"weight": noise(m.layers[1].feed_forward.router.weight.shape)}}),
+    "update_modules on the model": lambda m, t: m.update_modules(
+        {"model": {"layers": [{}, {"feed_forward": {"router": nn.Linear(64, 8, bias=False)}}]}}),
+    "update_modules on a submodule": lambda m, t: m.layers[0].self_attn.update_modules(
+        {"o_proj": nn.Linear(64, 64, bias=False)}),
+    "load_weights on the model": lambda m, t: m.load_weights(
+        [("model.layers.0.input_layernorm.weight", noise((64,)))], strict=False),
+    "load_weights on a submodule": lambda m, t: m.layers[0].input_layernorm.load_weights(
+        [("weight", noise((64,)))]),
+    "apply on the model": lambda m, t: m.apply(signs),
+    "apply on a submodule": lambda m, t: m.layers[0].apply(signs),
+    "set_dtype on the model": lambda m, t: m.set_dtype(mx.bfloat16),
+    "set_dtype on a submodule": lambda m, t: m.layers[0].self_attn.set_dtype(mx.bfloat16),
+    "freeze, unfreeze and train": lambda m, t: freeze_then_step(m),
+    "array attribute, deep": lambda m, t: setattr(
+        m.layers[1].feed_forward, "expert_bias", noise((8,), 3.0)),
+    "submodule attribute": lambda m, t: setattr(
+        m.layers[0].feed_forward, "router", nn.Linear(64, 8, bias=False)),
+    "submodule attribute, same arrays, other class": lambda m, t: setattr(
+        m.model, "norm", layer_norm_like(m.model.norm)),
+    "element of model.model.layers": lambda m, t: m.model.layers.__setitem__(
+        1, DecoderLayer(m.args)),
+    "item assignment into a parameter": lambda m, t: ablate_experts(m),
+    "nn.quantize on the model": lambda m, t: quantize_routers(m),
+    "nn.quantize on a submodule": lambda m, t: quantize_routers(m.layers[1]),
+    "LoRA conversion (linear_to_lora_layers)": convert_to_lora,
+    "load_adapters": lambda m, t: load_adapters(m, str(saved_adapters(m, t))),
+    "optimizer step": lambda m, t: optimizer_step(m),
+}
+
+
+@pytest.fixture(scope="module")
+def unchanged_tokens(qat_int4, tokens):
+    return generate(qat_int4.model(), tokens, compiled=False)[0]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_change_after_a_compiled_step_is_decoded(qat_int4, tokens, unchanged_tokens,
+                                                   route, tmp_path):
+    model = qat_int4.model()
+    _, marks = generate(model, tokens, compiled=True, steps=3)
+    assert all(marks), "the compiled step ran (and was traced) before the change"
+    mx.random.seed(sum(map(ord, route)))
+    ROUTES[route](model, tmp_path)
+    plain, _ = generate(model, tokens, compiled=False)
+    assert not np.array_equal(plain, unchanged_tokens), "the change must show in the tokens"
+    compiled, marks = generate(model, tokens, compiled=True)
+    assert all(marks), "the steps after the change ran compiled"
+    np.testing.assert_array_equal(compiled, plain)
