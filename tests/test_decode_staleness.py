@@ -172,3 +172,18 @@ def test_a_change_after_a_compiled_step_is_decoded(qat_int4, tokens, unchanged_t
     compiled, marks = generate(model, tokens, compiled=True)
     assert all(marks), "the steps after the change ran compiled"
     np.testing.assert_array_equal(compiled, plain)
+
+
+def test_arrays_keep_their_python_objects(qat_int4, tokens, unchanged_tokens):
+    """A compiled step traces with placeholders in the model's slots and puts
+    back the very objects: a parameter a user took before the first step is
+    still the model's, so writing into it later changes what both paths run."""
+    model = qat_int4.model()
+    held = [layer.feed_forward.expert_bias for layer in model.layers]
+    generate(model, tokens, compiled=True, steps=3)
+    assert all(layer.feed_forward.expert_bias is b for layer, b in zip(model.layers, held))
+    for bias in held:
+        bias[mx.arange(0, model.args.num_local_experts, 2)] = -1e4
+    plain, _ = generate(model, tokens, compiled=False)
+    assert not np.array_equal(plain, unchanged_tokens)
+    np.testing.assert_array_equal(generate(model, tokens, compiled=True)[0], plain)
