@@ -678,14 +678,22 @@ class TreeSlots:
 
 class DecodeStep:
     """The compiled decode step of one structure of `model`'s module tree
-    (see TreeSlots): its slots, its made-once arrays and the compiled function."""
+    (see TreeSlots): its slots, its made-once arrays and the compiled function.
+    It runs only on the model's own layers and MoE blocks: one wrapped to
+    watch or change what passes (bench parity's taps, bench profile's timers)
+    must be called at every step, not traced once."""
 
     def __init__(self, model: "Model"):
         self.model = model
         self.slots = TreeSlots(model)
-        self.constants = DecodeConstants(model)
+        self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
+        self.applies = self.slots.traceable and all(
+            type(layer) is DecoderLayer and type(moe) is MoE
+            for layer, moe in zip(model.layers, self.moes))
+        if self.applies:
+            self.constants = DecodeConstants(model)
+            self.compiled = mx.compile(self.trace)
         self.weights: List[mx.array] = []
-        self.compiled = mx.compile(self.trace)
 
     def __call__(self, weights, inputs, offset, buffers, rows):
         self.weights = weights  # what `trace` puts back
@@ -740,7 +748,7 @@ class Model(nn.Module):
         if weights is None:
             step = self._decode_step = DecodeStep(self)
             weights = step.slots.arrays()
-        if not step.slots.traceable:
+        if not step.applies:
             return self._logits(self.model(inputs, cache))
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         logits, buffers, chosen = step(
@@ -749,8 +757,8 @@ class Model(nn.Module):
         for c, (keys, values) in zip(cache, buffers):
             c.keys, c.values = keys, values
             c.offset += 1
-        for layer, indices in zip(self.layers, chosen):
-            layer.feed_forward.report(indices)
+        for moe, indices in zip(step.moes, chosen):  # the tree's own, while it holds
+            moe.report(indices)
         return logits
 
     def _static_decode(self, constants: DecodeConstants, inputs, offset, buffers, rows):
@@ -809,14 +817,10 @@ class Model(nn.Module):
 def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
     """One token per sequence, through plain KVCaches with room for it (the
     compiled step neither allocates nor grows buffers: KVCache does that on the
-    plain path, once every 256 tokens), and the model's own layers and MoE
-    blocks: one wrapped to watch or change what passes (bench parity's taps,
-    bench profile's timers) must be called at every step, not traced once."""
+    plain path, once every 256 tokens). Which layers run: DecodeStep."""
     if cache is None or inputs.ndim != 2 or inputs.shape[1] != 1:
         return False
     first = cache[0]
-    own = all(type(layer) is DecoderLayer and type(layer.feed_forward) is MoE
-              for layer in model.layers)
-    return own and all(
+    return all(
         type(c) is KVCache and c.keys is not None and c.offset == first.offset
         and c.offset < c.keys.shape[2] for c in cache)
