@@ -742,10 +742,11 @@ class Model(nn.Module):
         # from the tree's slots at every step, and the trace is kept only
         # while the tree's structure is the traced one (TreeSlots says what
         # that checks and what it assumes). At S (464 arrays, 305 modules and
-        # lists) the read and check take ~45 us of host time a step with warm
-        # caches, ~200 us cold; with MLX matching 464 inputs instead of
-        # mapping as many constants, the step built 0.33 ms slower than with
-        # the weights as constants (docs/benchmarks.md, "The decode step").
+        # lists, MLX's CPU) the read and check take ~45 us of host time a step
+        # with warm caches, ~200 us in mlx-lm's pipelined loop (cold caches);
+        # with MLX matching 464 inputs instead of mapping as many constants,
+        # the step built 0.33 ms slower than with the weights as constants
+        # (docs/benchmarks.md, "The decode step").
         step = getattr(self, "_decode_step", None)
         weights = None if step is None else step.slots.arrays()
         if weights is None:
