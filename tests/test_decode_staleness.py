@@ -17,6 +17,7 @@ import pytest
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+from test_numerics import assert_close
 
 from bench.steps import graph_primitives
 from mobilemoe_mlx.model import DecoderLayer
@@ -30,20 +31,24 @@ LORA_KEYS = ["self_attn.qkv_proj", "self_attn.o_proj",
 LORA = {"rank": 4, "scale": 4.0, "dropout": 0.0, "keys": LORA_KEYS}
 
 
-def generate(model, tokens: np.ndarray, compiled: bool, steps: int = NEW):
-    """Greedy tokens [B, steps] after a PROMPT-token prefill, and whether each
-    one-token step ran compiled."""
+def generate(model, tokens: np.ndarray, compiled: bool, steps: int = NEW, forced=None):
+    """Greedy tokens [B, steps] after a PROMPT-token prefill, whether each
+    one-token step ran compiled, and the steps' logits [B, steps - 1, V].
+    `forced`: feed these tokens instead of the model's own (so two runs'
+    logits compare step by step)."""
     model.args.compiled_decode = compiled
     try:
         cache = make_prompt_cache(model)
         y = mx.argmax(model(mx.array(tokens[:, :PROMPT]), cache=cache)[:, -1], axis=-1)
-        out, marks = [y], []
-        for _ in range(steps - 1):
-            logits = model(y[:, None], cache=cache)
-            marks.append(COMPILED_MARK in graph_primitives(logits))
-            y = mx.argmax(logits[:, -1], axis=-1)
+        out, marks, logits = [y], [], []
+        for i in range(steps - 1):
+            feed = y if forced is None else mx.array(forced[:, i])
+            step = model(feed[:, None], cache=cache)
+            marks.append(COMPILED_MARK in graph_primitives(step))
+            logits.append(np.array(step[:, -1].astype(mx.float32)).astype(np.float64))
+            y = mx.argmax(step[:, -1], axis=-1)
             out.append(y)
-        return np.array(mx.stack(out, axis=1)), marks
+        return np.array(mx.stack(out, axis=1)), marks, np.stack(logits, axis=1)
     finally:
         model.args.compiled_decode = True
 
@@ -163,15 +168,19 @@ def unchanged_tokens(qat_int4, tokens):
 def test_a_change_after_a_compiled_step_is_decoded(qat_int4, tokens, unchanged_tokens,
                                                    route, tmp_path):
     model = qat_int4.model()
-    _, marks = generate(model, tokens, compiled=True, steps=3)
+    _, marks, _ = generate(model, tokens, compiled=True, steps=3)
     assert all(marks), "the compiled step ran (and was traced) before the change"
     mx.random.seed(sum(map(ord, route)))
     ROUTES[route](model, tmp_path)
-    plain, _ = generate(model, tokens, compiled=False)
+    plain, _, plain_logits = generate(model, tokens, compiled=False)
     assert not np.array_equal(plain, unchanged_tokens), "the change must show in the tokens"
-    compiled, marks = generate(model, tokens, compiled=True)
+    compiled, marks, _ = generate(model, tokens, compiled=True)
     assert all(marks), "the steps after the change ran compiled"
     np.testing.assert_array_equal(compiled, plain)
+    # and step by step on the same tokens, closer than any token could show
+    _, _, logits = generate(model, tokens, compiled=True, forced=plain)
+    assert_close(logits, plain_logits, "compiled vs plain after the change", cos_min=0.999999,
+                 rel_max=1e-5)
 
 
 def test_arrays_keep_their_python_objects(qat_int4, tokens, unchanged_tokens):
@@ -184,6 +193,6 @@ def test_arrays_keep_their_python_objects(qat_int4, tokens, unchanged_tokens):
     assert all(layer.feed_forward.expert_bias is b for layer, b in zip(model.layers, held))
     for bias in held:
         bias[mx.arange(0, model.args.num_local_experts, 2)] = -1e4
-    plain, _ = generate(model, tokens, compiled=False)
+    plain, _, _ = generate(model, tokens, compiled=False)
     assert not np.array_equal(plain, unchanged_tokens)
     np.testing.assert_array_equal(generate(model, tokens, compiled=True)[0], plain)
