@@ -25,6 +25,7 @@ E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
 import math
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ class Attention(_Fusable):
     def rotate(self, x: mx.array, offset, cache) -> mx.array:
         """RoPE: MLX's fast.rope, or the compiled decode step's table (CPU)."""
         table = getattr(cache, "rotary", None)
-        return self.rope(x, offset=offset) if table is None else table.rotate(x)
+        return self.rope(x, offset=offset) if table is None else table.rotate(x, self.rope)
 
 
 class ExpertLinear(nn.Module):
@@ -708,8 +709,7 @@ class RotaryTable:
     The rotation of a pair (x0, x1) is (x0 c - x1 s, x0 s + x1 c) =
     x * cos + (x @ swap) * sin, `swap` taking (x0, x1) to (-x1, x0) exactly."""
 
-    def __init__(self, rope: nn.Module, dims: int, dtype: mx.Dtype):
-        self.rope = rope
+    def __init__(self, dims: int, dtype: mx.Dtype):
         unit = mx.zeros((1, 1, 1, dims), dtype=dtype)
         unit[..., ::2] = 1
         swap = mx.zeros((dims, dims), dtype=dtype)
@@ -719,37 +719,72 @@ class RotaryTable:
         self.unit, self.swap = unit, swap
         mx.eval(self.unit, self.swap)
 
-    def at(self, offset: mx.array) -> "RotaryRows":
-        rows = self.rope(self.unit, offset=offset)  # (c0, s0, c1, s1, ...)
+    def at(self, rope: nn.Module, offset: mx.array) -> Tuple[mx.array, mx.array]:
+        """`rope`'s cos and sin rows at `offset`."""
+        rows = rope(self.unit, offset=offset)  # (c0, s0, c1, s1, ...)
         cos = mx.repeat(rows[..., ::2], 2, axis=-1)
         sin = mx.repeat(rows[..., 1::2], 2, axis=-1)
-        return RotaryRows(cos, sin, self.swap)
+        return cos, sin
 
 
 class RotaryRows:
-    """One position's rows of a RotaryTable, shared by every layer of a step."""
+    """One position's rows, shared by the layers of a step whose rope modules
+    are alike (`DecodeConstants.rope_groups`: one group in MobileMoE), made
+    once per dtype the step rotates in (a model cast in part by `set_dtype`
+    rotates some layers in another dtype, as fast.rope would)."""
 
-    def __init__(self, cos: mx.array, sin: mx.array, swap: mx.array):
-        self.cos, self.sin, self.swap = cos, sin, swap
+    def __init__(self, constants: "DecodeConstants", offset: mx.array):
+        self.constants, self.offset, self.rows = constants, offset, {}
 
-    def rotate(self, x: mx.array) -> mx.array:
-        return x * self.cos + (x @ self.swap) * self.sin
+    def rotate(self, x: mx.array, rope: nn.Module) -> mx.array:
+        rope = self.constants.rope_groups[id(rope)]
+        key = (id(rope), x.dtype)
+        if key not in self.rows:
+            table = self.constants.rotary_table(x.dtype)
+            self.rows[key] = table.at(rope, self.offset) + (table.swap,)
+        cos, sin, swap = self.rows[key]
+        return x * cos + (x @ swap) * sin
+
+
+def _rope_alike(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two rope modules rotate alike: same class, settings and tables."""
+    def settings(m):
+        return {k: v for k, v in vars(m).items() if k not in ("_no_grad", "_training")}
+
+    return (type(a) is type(b) and settings(a) == settings(b) and a.keys() == b.keys()
+            and all(isinstance(b[k], mx.array) and a[k].shape == b[k].shape
+                    and a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item()
+                    for k in a))
 
 
 class DecodeConstants:
     """What the compiled decode step of `model` takes as made-once arrays
-    rather than building them in every step's graph."""
+    rather than building them in every step's graph. They derive from the
+    config and the module tree's structure, never from the weights' values."""
 
     def __init__(self, model: "Model"):
         self.top_k = model.args.num_experts_per_tok
         self._rows: Dict[int, Tuple[mx.array, mx.array]] = {}
-        self.rotary = None
-        if mx.default_device().type == mx.DeviceType.cpu:  # see RotaryTable
-            attn = model.layers[0].self_attn
-            self.rotary = RotaryTable(attn.rope, attn.head_dim, model.model.norm.weight.dtype)
+        self._tables: Dict[mx.Dtype, RotaryTable] = {}
+        self.head_dim = model.layers[0].self_attn.head_dim
+        self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
+        # Each layer's rope module -> the first one alike (RotaryRows).
+        self.rope_groups: Dict[int, nn.Module] = {}
+        firsts: List[nn.Module] = []
+        for layer in model.layers if self.on_cpu else ():
+            rope = layer.self_attn.rope
+            first = next((f for f in firsts if _rope_alike(f, rope)), None)
+            if first is None:
+                firsts.append(rope)
+            self.rope_groups[id(rope)] = first or rope
+
+    def rotary_table(self, dtype: mx.Dtype) -> "RotaryTable":
+        if dtype not in self._tables:
+            self._tables[dtype] = RotaryTable(self.head_dim, dtype)
+        return self._tables[dtype]
 
     def rotary_rows(self, offset: mx.array) -> Optional[RotaryRows]:
-        return None if self.rotary is None else self.rotary.at(offset)
+        return RotaryRows(self, offset) if self.on_cpu else None
 
     def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
         """The lhs indices gather_qmm builds itself (an arange, reshaped and
@@ -790,6 +825,112 @@ def decode_mask(offset: mx.array, capacity: int) -> mx.array:
     return mx.arange(capacity) <= offset
 
 
+class TreeSlots:
+    """Where every array of a module tree sits, and what else the tree holds.
+
+    The compiled decode step's weights are its inputs, read from these slots
+    (container, key) at every step (`arrays`): whatever replaced an array in
+    its slot (update, load_weights, apply, set_dtype, an optimizer step, an
+    attribute assignment) or rewrote it in place (item assignment, which
+    swaps the array's data under the same Python object) is what the step
+    computes with. The trace itself depends on the rest of the tree: which
+    modules, lists and dicts sit where, and (through `mx.compile`'s own
+    cache) the arrays' shapes and dtypes. So every non-array slot's object is
+    held and compared by identity, with every container's length (a key added
+    or deleted); any difference means the tree is not the one traced, and
+    the step is traced anew (update_modules, nn.quantize, LoRA conversion,
+    assigning a module or a list element, fusing). Arrays held under a private
+    key (`_freqs` of a rope: derived from the config, no parameter) count as
+    structure too, since DecodeConstants groups ropes by them.
+
+    Assumed, not checked: a module's plain Python attributes (eps, scale,
+    group size...) and class do not change in place after it is traced."""
+
+    def __init__(self, root: nn.Module):
+        self.containers: List[Any] = []
+        self.node_parents, self.node_keys, self.nodes = [], [], []
+        self.array_parents, self.array_keys = [], []
+        self.traceable = True  # False when an array sits in a tuple (no slot to trace)
+        seen = set()
+
+        def visit(container):
+            seen.add(id(container))
+            self.containers.append(container)
+            items = container.items() if isinstance(container, dict) else enumerate(container)
+            for key, value in items:
+                if isinstance(value, mx.array):
+                    self.traceable &= not isinstance(container, tuple)
+                    self.array_parents.append(container)
+                    self.array_keys.append(key)
+                    if not (isinstance(key, str) and key.startswith("_")):
+                        continue
+                self.node_parents.append(container)
+                self.node_keys.append(key)
+                self.nodes.append(value)
+                if isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+                    visit(value)
+
+        visit(root)
+        self.sizes = list(map(len, self.containers))
+        self.array_type = [mx.array] * len(self.array_keys)
+
+    def arrays(self) -> Optional[List[mx.array]]:
+        """The arrays in the slots now, or None if the tree changed shape."""
+        try:
+            if not all(map(operator.is_, map(operator.getitem, self.node_parents,
+                                             self.node_keys), self.nodes)):
+                return None
+            arrays = list(map(operator.getitem, self.array_parents, self.array_keys))
+        except (KeyError, IndexError):
+            return None
+        if list(map(len, self.containers)) != self.sizes:
+            return None
+        if list(map(type, arrays)) != self.array_type:
+            return None
+        return arrays
+
+    def put(self, arrays: List[mx.array]) -> None:
+        for container, key, a in zip(self.array_parents, self.array_keys, arrays):
+            container[key] = a
+
+
+class DecodeStep:
+    """The compiled decode step of one structure of `model`'s module tree
+    (see TreeSlots): its slots, its made-once arrays and the compiled function.
+    It runs only on the model's own layers and MoE blocks: one wrapped to
+    watch or change what passes (bench parity's taps, bench profile's timers)
+    must be called at every step, not traced once."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.slots = TreeSlots(model)
+        self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
+        self.applies = self.slots.traceable and all(
+            type(layer) is DecoderLayer and type(moe) is MoE
+            for layer, moe in zip(model.layers, self.moes))
+        if self.applies:
+            self.constants = DecodeConstants(model)
+            self.compiled = mx.compile(self.trace)
+        self.weights: List[mx.array] = []
+
+    def __call__(self, weights, inputs, offset, buffers, rows):
+        self.weights = weights  # what `trace` puts back
+        try:
+            return self.compiled(weights, inputs, offset, buffers, rows)
+        finally:
+            self.weights = []
+
+    def trace(self, weights, inputs, offset, buffers, rows):
+        """Runs only when mx.compile traces: the weights' tracers stand in the
+        tree's slots while the model runs, then the very arrays (the same
+        Python objects) are put back."""
+        self.slots.put(weights)
+        try:
+            return self.model._static_decode(self.constants, inputs, offset, buffers, rows)
+        finally:
+            self.slots.put(self.weights)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -810,41 +951,40 @@ class Model(nn.Module):
             return self._compiled_decode_step(inputs, cache)
         return self._logits(self.model(inputs, cache))
 
-    def update(self, parameters: dict, strict: bool = True) -> nn.Module:
-        self._decode_step = None  # its weights are constants (_compiled_decode_step)
-        return super().update(parameters, strict)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> nn.Module:
-        self._decode_step = None
-        return super().update_modules(modules, strict)
-
     def _logits(self, h: mx.array) -> mx.array:
         # Tied embeddings: the (possibly quantized) embedding is the output head.
         return self.model.embed_tokens.as_linear(h)
 
     def _compiled_decode_step(self, inputs: mx.array, cache) -> mx.array:
-        if getattr(self, "_decode_step", None) is None:
-            # The weights enter the compiled graph as constants: passing them as
-            # inputs would have every step flatten and match ~400 arrays (15-25%
-            # of the step's host time on MLX's CPU). So the trace is dropped
-            # whenever the weights change through the model (update,
-            # update_modules, and so load_weights, apply, nn.quantize, fuse_projections).
-            mx.eval(self.state)  # constants must be computed arrays (RoPE tables too)
-            self._constants = DecodeConstants(self)
-            self._decode_step = mx.compile(self._static_decode)
+        # Never stale: the weights are the compiled function's inputs, read
+        # from the tree's slots at every step, and the trace is kept only
+        # while the tree's structure is the traced one (TreeSlots says what
+        # that checks and what it assumes). At S (464 arrays, 305 modules and
+        # lists, MLX's CPU) the read and check take ~45 us of host time a step
+        # with warm caches, ~200 us in mlx-lm's pipelined loop (cold caches);
+        # with MLX matching 464 inputs instead of mapping as many constants,
+        # the step built 0.33 ms slower than with the weights as constants
+        # (docs/benchmarks.md, "The decode step").
+        step = getattr(self, "_decode_step", None)
+        weights = None if step is None else step.slots.arrays()
+        if weights is None:
+            step = self._decode_step = DecodeStep(self)
+            weights = step.slots.arrays()
+        if not step.applies:
+            return self._logits(self.model(inputs, cache))
         offset = mx.array(cache[0].offset, dtype=mx.int32)
-        logits, buffers, chosen = self._decode_step(
-            inputs, offset, [(c.keys, c.values) for c in cache],
-            self._constants.expert_rows(inputs.shape[0]))
+        logits, buffers, chosen = step(
+            weights, inputs, offset, [(c.keys, c.values) for c in cache],
+            step.constants.expert_rows(inputs.shape[0]))
         for c, (keys, values) in zip(cache, buffers):
             c.keys, c.values = keys, values
             c.offset += 1
-        for layer, indices in zip(self.layers, chosen):
-            layer.feed_forward.report(indices)
+        for moe, indices in zip(step.moes, chosen):  # the tree's own, while it holds
+            moe.report(indices)
         return logits
 
-    def _static_decode(self, inputs, offset, buffers, rows):
-        rotary = self._constants.rotary_rows(offset)
+    def _static_decode(self, constants: DecodeConstants, inputs, offset, buffers, rows):
+        rotary = constants.rotary_rows(offset)
         caches = [StaticKV(k, v, offset, rotary, rows) for k, v in buffers]
         mask = decode_mask(offset, buffers[0][0].shape[2])
         h, chosen = self.model.embed_tokens(inputs), []
@@ -880,7 +1020,6 @@ class Model(nn.Module):
         memory (bit-identical; see the module docstring)."""
         for module, _ in self.fusable():
             module.fuse_projections()
-        self._decode_step = None
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Converted directories are already in this module's names; an untied
@@ -953,14 +1092,10 @@ def _as_float32(a: mx.array) -> mx.array:
 def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
     """One token per sequence, through plain KVCaches with room for it (the
     compiled step neither allocates nor grows buffers: KVCache does that on the
-    plain path, once every 256 tokens), and the model's own layers and MoE
-    blocks: one wrapped to watch or change what passes (bench parity's taps,
-    bench profile's timers) must be called at every step, not traced once."""
+    plain path, once every 256 tokens). Which layers run: DecodeStep."""
     if cache is None or inputs.ndim != 2 or inputs.shape[1] != 1:
         return False
     first = cache[0]
-    own = all(type(layer) is DecoderLayer and type(layer.feed_forward) is MoE
-              for layer in model.layers)
-    return own and all(
+    return all(
         type(c) is KVCache and c.keys is not None and c.offset == first.offset
         and c.offset < c.keys.shape[2] for c in cache)
