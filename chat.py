@@ -3,10 +3,10 @@
     python chat.py --model S                       # facebook/MobileMoE-S-QAT
     python chat.py --model mlx/MobileMoE-S --prompt "Name three prime numbers."
 
-The command itself lives in mobilemoe_mlx/chat_cli.py; `python chat.py -h` lists its options.
+The command itself lives in mobilemoe_mlx/chat/cli.py; `python chat.py -h` lists its options.
 """
 
-from mobilemoe_mlx.chat_cli import main
+from mobilemoe_mlx.chat.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.planner.
+"""`python -m bench`: thin click wrappers over bench.run, bench.report and mobilemoe_mlx.model.planner.
 
 Only light modules are imported at the top (no mlx-lm, which pulls in
 transformers, and no matplotlib): `-h` answers at once, and each command
@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from mobilemoe_mlx.config import DTYPE_NAMES
+from mobilemoe_mlx.checkpoints.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import OneLineGroup, UserError, run_cli
-from mobilemoe_mlx.planner import PREFILL_CHUNK
+from mobilemoe_mlx.model.planner import PREFILL_CHUNK
 
 from .models import canonical, names_help
 from .options import CPU_SHORT, FULL, check, choose_protocol, protocol_settings
@@ -19,7 +19,7 @@ from .tokens import KINDS
 
 
 def _check_quant(bits: int, group_size: int) -> None:
-    from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS
+    from mobilemoe_mlx.checkpoints.config import GROUP_SIZES, MLX_BITS
 
     check(bits in MLX_BITS, f"--bits must be one of {', '.join(map(str, MLX_BITS))}, not {bits}")
     check(group_size in GROUP_SIZES, "--group-size must be one of "
@@ -93,7 +93,7 @@ def run(models, prompt_lengths, decode_contexts, gen_tokens, repeats, warmup, pr
     a terminal (the default answer is no); Ctrl-C stops the run within a second
     and keeps what was measured."""
     def go():
-        from mobilemoe_mlx.runtime import current
+        from mobilemoe_mlx.model.runtime import current
 
         from .run import NotStarted, run_benchmark
 
@@ -180,9 +180,9 @@ def plan(model, context, kv_bits, bits, group_size, dtype, budget_gb, as_json, v
     def go():
         import json
 
-        from mobilemoe_mlx.planner import PHONE_BUDGETS, format_plan, machine_ram
-        from mobilemoe_mlx.planner import plan as make_plan
-        from mobilemoe_mlx.runtime import PHONE_DTYPE
+        from mobilemoe_mlx.model.planner import PHONE_BUDGETS, format_plan, machine_ram
+        from mobilemoe_mlx.model.planner import plan as make_plan
+        from mobilemoe_mlx.model.runtime import PHONE_DTYPE
 
         from .models import config_for
 
@@ -292,7 +292,7 @@ def profile(model, context, chunk, dtype, repeats, seed, as_json, no_progress, v
 def _profile_estimate(model: str, context: int, chunk: int, repeats: int, dtype):
     """Print `bench profile`'s estimate as `bench run` prints its own, and return
     the progress bar (bench run's) it will update."""
-    from mobilemoe_mlx.runtime import current
+    from mobilemoe_mlx.model.runtime import current
 
     from .estimate import estimate_line, measured_flops, profile_work
     from .harness import Progress

@@ -3,7 +3,7 @@
 MobileMoE's speed claims compare MobileMoE-S with the dense MobileLLM-Pro
 (facebook/MobileLLM-Pro) at comparable INT4 weight memory (docs/architecture.md section 4).
 This file gives that baseline in MLX with the same conventions and the same
-kernels as `model.py`: the mlx-lm model protocol (``Model(args)``,
+kernels as `model/mobilemoe.py`: the mlx-lm model protocol (``Model(args)``,
 ``model(inputs, cache) -> logits``, ``layers``, ``make_cache``), the same
 attention (GQA, RoPE, QK-norm without scale), SwiGLU, tied embeddings, INT4
 group-32 weights through ``nn.quantize``.
@@ -35,7 +35,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from mobilemoe_mlx.model import MLP, Attention
+from mobilemoe_mlx.model.mobilemoe import MLP, Attention
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 

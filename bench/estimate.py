@@ -1,6 +1,6 @@
 """How long a benchmark run will take, said before it starts.
 
-The run's work is counted from the analytic model (mobilemoe_mlx/analytic.py):
+The run's work is counted from the analytic model (mobilemoe_mlx/model/analytic.py):
 FLOPs of every timed and untimed prefill, of every decode step, and bytes read
 per decode step. A fraction of a second measuring this backend's throughput on
 the operation that dominates both (an INT4 quantized matmul in the run's
@@ -19,8 +19,8 @@ from typing import Dict, List, NamedTuple
 
 import mlx.core as mx
 
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.runtime import CPU
+from mobilemoe_mlx.model import analytic
+from mobilemoe_mlx.model.runtime import CPU
 
 from .options import Settings
 

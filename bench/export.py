@@ -27,9 +27,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.config import DTYPE_NAMES
+from mobilemoe_mlx.checkpoints.config import DTYPE_NAMES
 from mobilemoe_mlx.errors import UserError, run_cli
+from mobilemoe_mlx.model import analytic
 
 from .models import DENSE_NAMES, MODEL_NAMES, PRESETS
 from .options import Settings, protocol_settings
@@ -167,7 +167,7 @@ def routing_gaps(model, moe_inputs) -> List[np.ndarray]:
 
 def parity_arrays(model, tokens: np.ndarray):
     """(logits [1, T, V] float32, experts per layer [T, K] sorted, routing gaps)."""
-    from mobilemoe_mlx.routing import ExpertRecorder
+    from mobilemoe_mlx.model.routing import ExpertRecorder
 
     recorder = ExpertRecorder(model)
     norms = [layer.post_attention_layernorm for layer in model.layers]
@@ -200,9 +200,9 @@ def export_parity(out: Path, seed: int) -> dict:
     """Write the parity fixture into `out` (a fresh temporary directory): the
     converted model (q/k/v and shared gate/up stored apart, fused at load) and
     the same model saved as loaded (model-fused/: fused on disk)."""
-    from mobilemoe_mlx.convert import convert
-    from mobilemoe_mlx.loading import load_converted
-    from mobilemoe_mlx.synthetic import BOS_ID, write_synthetic
+    from mobilemoe_mlx.checkpoints.convert import convert
+    from mobilemoe_mlx.checkpoints.loading import load_converted
+    from mobilemoe_mlx.checkpoints.synthetic import BOS_ID, write_synthetic
 
     for attempt in range(seed, seed + 20):
         src = out / ".source"
@@ -325,7 +325,7 @@ def export_synthetic(name, out, dtype, bits, group_size, force, verbose, **opts)
     name = canonical(name)
 
     def go():
-        from mobilemoe_mlx.output_dir import atomic_output_dir, check_output_dir
+        from mobilemoe_mlx.checkpoints.output_dir import atomic_output_dir, check_output_dir
 
         from .models import build_synthetic, check_quantizable
 
@@ -355,7 +355,7 @@ def export_parity_cmd(out, seed, force, verbose):
     """Write the Swift parity fixture: a tiny converted model, token ids, the
     Python model's float32 logits and its chosen experts per layer."""
     def go():
-        from mobilemoe_mlx.output_dir import atomic_output_dir, check_output_dir
+        from mobilemoe_mlx.checkpoints.output_dir import atomic_output_dir, check_output_dir
 
         path = check_output_dir(out, force, lambda p: (p / "parity.json").is_file(),
                                 "a parity fixture")

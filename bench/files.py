@@ -1,7 +1,7 @@
 """Where a benchmark run writes, and how: never half-written.
 
 `--out` is checked before anything is measured, as every writer's output
-directory is (mobilemoe_mlx/output_dir.py: the same checks, the same words),
+directory is (mobilemoe_mlx/checkpoints/output_dir.py: the same checks, the same words),
 then created, and a file written there proves the run can save. Every file is
 written under a temporary name and renamed over the old one, so a run stopped
 at any moment leaves the last complete results.json, report.md and plots.
@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, List
 
-from mobilemoe_mlx.output_dir import (
+from mobilemoe_mlx.checkpoints.output_dir import (
     cannot_write,
     check_output_dir_in_place,
     make_output_dir_in_place,

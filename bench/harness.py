@@ -33,9 +33,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.routing import ExpertRecorder
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model import analytic
+from mobilemoe_mlx.model.routing import ExpertRecorder
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 from .options import Settings
 from .schema import (

@@ -19,11 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.config import GROUP_SIZES, MLX_BITS, PRESETS, preset_config
-from mobilemoe_mlx.convert import DTYPES
+from mobilemoe_mlx.checkpoints.config import GROUP_SIZES, MLX_BITS, PRESETS, preset_config
+from mobilemoe_mlx.checkpoints.convert import DTYPES
+from mobilemoe_mlx.checkpoints.synthetic import level_scale, random_packed_weight
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.synthetic import level_scale, random_packed_weight
+from mobilemoe_mlx.model import analytic
 
 DENSE_NAMES = ("pro", "pro-tiny")
 PEER_PREFIX = "glm4-"
@@ -167,7 +167,7 @@ def model_class(config: dict):
     if family(config) == "peer":
         from mlx_lm.models.glm4_moe import Model, ModelArgs
     elif family(config) == "moe":
-        from mobilemoe_mlx.model import Model, ModelArgs
+        from mobilemoe_mlx.model.mobilemoe import Model, ModelArgs
     else:
         from .dense import Model, ModelArgs
     return Model, ModelArgs
@@ -202,7 +202,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
     # Imported here: mlx-lm pulls in transformers, and `bench -h` imports this module.
-    from mobilemoe_mlx.model import QuantizedExpertLinear
+    from mobilemoe_mlx.model.mobilemoe import QuantizedExpertLinear
 
     config = dict(config) if config is not None else model_config(name)
     model = instantiate(config)
@@ -212,7 +212,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     dt = DTYPES[dtype]
     key = mx.random.key(seed)
     modules = dict(model.named_modules())
-    # Fill each quantized module with mobilemoe_mlx/synthetic.py's random centred
+    # Fill each quantized module with mobilemoe_mlx/checkpoints/synthetic.py's random centred
     # levels (as a synthetic checkpoint has them), packed in MLX's format.
     for m in modules.values():
         if not hasattr(m, "scales"):
@@ -244,7 +244,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
             key, k1 = mx.random.split(key)
             m.expert_bias = 0.01 * mx.random.normal(m.expert_bias.shape, key=k1)
     if fuse and hasattr(model, "fuse_projections"):
-        model.fuse_projections()  # what loading does to a converted directory (model.py)
+        model.fuse_projections()  # what loading does to a converted directory (model/mobilemoe.py)
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
         mx.eval(layer.parameters())
@@ -272,7 +272,7 @@ def check_quantizable(name: str, bits: int, group_size: int) -> None:
 def check_checkpoint(path: str, option: str = "--weights") -> Path:
     """The directory if it is a converted MobileMoE model, else a one-line UserError
     naming `option` (the command-line option that gave the path)."""
-    from mobilemoe_mlx.loading import is_converted
+    from mobilemoe_mlx.checkpoints.loading import is_converted
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -300,13 +300,13 @@ def load_checkpoint(path: str, option: str = "--weights") -> Built:
     """A converted MobileMoE directory (made by convert.py), with a clear error
     otherwise. Its dtypes, bits and group size are read from the loaded weights:
     a checkpoint runs in its own dtype."""
-    from mobilemoe_mlx.loading import load_converted
+    from mobilemoe_mlx.checkpoints.loading import load_converted
 
     p = check_checkpoint(path, option)
     model, config = load_converted(p)
     mx.eval(model.parameters())
     try:
-        from mobilemoe_mlx.loading import load_tokenizer
+        from mobilemoe_mlx.checkpoints.loading import load_tokenizer
 
         tokenizer = load_tokenizer(p, config.get("eos_token_id"))
     except Exception:  # noqa: BLE001 - prompts fall back to the hashing tokenizer

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.planner import PREFILL_CHUNK
+from mobilemoe_mlx.model.planner import PREFILL_CHUNK
 
 
 @dataclass
@@ -56,7 +56,7 @@ def choose_protocol(given: dict, quick: bool, full: bool, backend: str) -> Tuple
     back on, and a line saying which protocol runs and why. `backend` is
     runtime.current().backend: a CPU gets CPU_SHORT unless the user asked for
     settings (--full, --quick, or any protocol option)."""
-    from mobilemoe_mlx.runtime import CPU
+    from mobilemoe_mlx.model.runtime import CPU
 
     check(not (quick and full), "--quick and --full pick different protocols: give one")
     if quick:

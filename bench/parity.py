@@ -29,12 +29,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import make_prompt_cache
 
-from mobilemoe_mlx.config import PRESETS
-from mobilemoe_mlx.convert import DTYPES
+from mobilemoe_mlx.checkpoints.config import PRESETS
+from mobilemoe_mlx.checkpoints.convert import DTYPES
+from mobilemoe_mlx.checkpoints.loading import as_float32, load_converted
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.loading import as_float32, load_converted
-from mobilemoe_mlx.routing import ExpertRecorder
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model.routing import ExpertRecorder
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 from .models import build_synthetic, check_checkpoint, model_config, storage_of
 

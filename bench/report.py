@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import List
 
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.planner import human_bytes as hb
-from mobilemoe_mlx.planner import human_count
+from mobilemoe_mlx.model.planner import human_bytes as hb
+from mobilemoe_mlx.model.planner import human_count
 
 from .files import write_text_atomic
 from .plots import NO_MATPLOTLIB, make_plots

@@ -9,10 +9,10 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.config import PRESETS
+from mobilemoe_mlx.checkpoints.config import PRESETS
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model import analytic
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 from .estimate import HOURS_WARNING, announce, duration
 from .files import prepare_out_dir, remove_created, write_text_atomic

@@ -25,7 +25,7 @@ Sizes are bytes, times seconds, rates tokens per second. A timing is a
       quant                     bits (null: unquantized), group_size, scale_dtype,
                                 embedding_scale_dtype, dtype (norms): as stored, read from
                                 the loaded weights for a checkpoint
-      analytic                  mobilemoe_mlx.analytic.summary(): params {total, active, embedding,
+      analytic                  mobilemoe_mlx.model.analytic.summary(): params {total, active, embedding,
                                 routed_experts}, weight_bytes {total, embedding, per_expert,
                                 routed_experts, decode_read_per_token}, kv_bytes_per_token,
                                 kv_cache_bytes / decode_flops_per_token keyed by the run's

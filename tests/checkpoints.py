@@ -1,7 +1,7 @@
 """Writers of tiny MobileMoE checkpoints in the *released* layouts.
 
 The tensor names are written out here from the table in docs/architecture.md
-section 3, on purpose without importing mobilemoe_mlx.layout: these files are
+section 3, on purpose without importing mobilemoe_mlx.checkpoints.layout: these files are
 an independent check of the converter's name table.
 
 Every writer returns a `Checkpoint`: where it is, its config, and the float64
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from reference import QAT_GROUP, pack_int4
 
-from mobilemoe_mlx.config import preset_config
-from mobilemoe_mlx.synthetic import write_tokenizer
+from mobilemoe_mlx.checkpoints.config import preset_config
+from mobilemoe_mlx.checkpoints.synthetic import write_tokenizer
 
 # The synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>, 2 <|eot_id|>.
 BOS, EOS = 0, [1, 2]

@@ -41,7 +41,7 @@ mx.set_default_device(mx.cpu)
 def _gpu_tier_on_the_gpu(request):
     """A test marked `gpu` runs on MLX's GPU where there is one (on a machine
     without one it is skipped by its own marker's condition)."""
-    from mobilemoe_mlx.runtime import gpu_available
+    from mobilemoe_mlx.model.runtime import gpu_available
 
     if request.node.get_closest_marker("gpu") is None or not gpu_available():
         yield
@@ -70,7 +70,7 @@ class Converted:
 
     def model(self):
         """A freshly loaded model (tests that change module state get their own)."""
-        from mobilemoe_mlx.loading import load_converted
+        from mobilemoe_mlx.checkpoints.loading import load_converted
 
         model, _ = load_converted(self.path)
         return model
@@ -83,7 +83,7 @@ class Converted:
 
 
 def _convert(tmp_path_factory, ckpt: ck.Checkpoint, name: str, **kwargs) -> Converted:
-    from mobilemoe_mlx.convert import convert
+    from mobilemoe_mlx.checkpoints.convert import convert
 
     out = tmp_path_factory.mktemp("converted") / name
     kwargs.setdefault("dtype", "float32")
@@ -102,12 +102,12 @@ def tokens() -> np.ndarray:
     return t
 
 
-# --- the synthetic tiny model (mobilemoe_mlx.synthetic: what users try first) ---
+# --- the synthetic tiny model (mobilemoe_mlx.checkpoints.synthetic: what users try first) ---
 
 @pytest.fixture(scope="session")
 def synthetic_qat(tmp_path_factory) -> Path:
     """An unconverted tiny synthetic checkpoint in the released QAT layout."""
-    from mobilemoe_mlx.synthetic import write_synthetic
+    from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 
     return Path(write_synthetic(str(tmp_path_factory.mktemp("synthetic") / "qat"), "tiny", "qat"))
 
@@ -117,7 +117,7 @@ def synthetic_tiny(tmp_path_factory, synthetic_qat) -> Path:
     """`synthetic_qat` converted to float32 MLX weights (INT4 kept bit for bit).
 
     Read-only: a test that changes the directory must copy it first."""
-    from mobilemoe_mlx.convert import convert
+    from mobilemoe_mlx.checkpoints.convert import convert
 
     out = tmp_path_factory.mktemp("synthetic-converted") / "tiny"
     return Path(convert(str(synthetic_qat), str(out), dtype="float32", progress=False))

@@ -193,7 +193,7 @@ def forward(w: Dict[str, np.ndarray], config: dict, tokens, variant: Optional[st
     return h @ emb.T
 
 
-# --- released QAT INT4 format (docs/architecture.md section 3), independent of mobilemoe_mlx.packing ---
+# --- released QAT INT4 format (docs/architecture.md section 3), independent of mobilemoe_mlx.checkpoints.packing ---
 
 QAT_GROUP = 32
 

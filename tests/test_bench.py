@@ -30,9 +30,9 @@ from bench.options import Settings
 from bench.report import build_comparison, build_report, load_results, write_report
 from bench.run import run_benchmark, sigint_ignored
 from bench.tokens import prompt_tokens
-from mobilemoe_mlx import analytic
-from mobilemoe_mlx.planner import fits_warning, format_plan, plan
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model import analytic
+from mobilemoe_mlx.model.planner import fits_warning, format_plan, plan
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = current_runtime().on_gpu  # Metal or CUDA: the default settings take minutes

@@ -26,7 +26,7 @@ from bench.cli import main as bench_cli
 from bench.models import MODEL_NAMES, model_config
 from bench.options import Settings
 from bench.run import run_benchmark
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = current_runtime().on_gpu  # the paper's settings take minutes on a GPU

@@ -57,7 +57,7 @@ def test_graph_nodes_count_what_is_left_to_run(tiny):
 
 def test_fusion_cuts_graph_nodes(tiny):
     """The same model, fused (as built) and unfused: fewer operations per decode step."""
-    from mobilemoe_mlx import model as moe
+    from mobilemoe_mlx.model import mobilemoe as moe
 
     unfused = moe.Model(moe.ModelArgs.from_dict(tiny.config))
     nn.quantize(unfused, group_size=32, bits=4,

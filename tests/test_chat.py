@@ -28,13 +28,13 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mobilemoe_mlx import chat_cli
-from mobilemoe_mlx.chat import ChatSession, Sampling
-from mobilemoe_mlx.chat_model import load_chat_model
-from mobilemoe_mlx.chat_stream import draft_acceptance
+from mobilemoe_mlx.chat import cli as chat_cli
+from mobilemoe_mlx.chat.loader import load_chat_model
+from mobilemoe_mlx.chat.session import ChatSession, Sampling
+from mobilemoe_mlx.chat.stream import draft_acceptance
+from mobilemoe_mlx.chat.terminal import Terminal
+from mobilemoe_mlx.checkpoints.synthetic import write_tokenizer
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.synthetic import write_tokenizer
-from mobilemoe_mlx.terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 FRANCE = "What is the capital of France?"
@@ -367,8 +367,8 @@ def small_vocab(loaded):
     """(model, tokenizer, vocab_size): a random model whose vocabulary is smaller than its
     tokenizer's, made directly (load() is for checkpoints whose files agree). The prompt
     of "Hi" lies within it; that of "Hello" holds the id vocab_size, one past the end."""
-    from mobilemoe_mlx.config import preset_config
-    from mobilemoe_mlx.model import Model, ModelArgs
+    from mobilemoe_mlx.checkpoints.config import preset_config
+    from mobilemoe_mlx.model.mobilemoe import Model, ModelArgs
 
     tokenizer = loaded[1]
 
@@ -436,7 +436,7 @@ def test_a_message_with_ids_outside_the_vocabulary_gets_a_note_and_an_empty_line
 def test_prompt_with_ids_outside_the_vocabulary_exits_2(small_vocab, dirs, chat, monkeypatch):
     import mlx_lm.sample_utils
 
-    from mobilemoe_mlx import chat_model
+    from mobilemoe_mlx.chat import loader as chat_model
 
     model, tokenizer, vocab = small_vocab
     # load() will refuse a directory whose tokenizer and model disagree; the chat's
@@ -592,7 +592,7 @@ def test_a_system_prompt_too_long_is_measured_once_downloaded_before_converting(
         dirs, chat, tmp_path, monkeypatch):
     """Where the files were not on this machine before (a Hub repo downloaded just
     now), it is measured before the conversion starts."""
-    from mobilemoe_mlx import chat_model
+    from mobilemoe_mlx.chat import loader as chat_model
 
     monkeypatch.setattr(chat_model, "_files_on_this_machine", lambda source, revision: None)
     home = tmp_path / "home"

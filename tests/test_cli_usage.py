@@ -4,9 +4,9 @@ import pytest
 from click.testing import CliRunner
 
 from bench.cli import main as bench_main
-from mobilemoe_mlx.chat_cli import main as chat_main
-from mobilemoe_mlx.convert_cli import main as convert_main
-from mobilemoe_mlx.synthetic import main as synthetic_main
+from mobilemoe_mlx.chat.cli import main as chat_main
+from mobilemoe_mlx.checkpoints.convert_cli import main as convert_main
+from mobilemoe_mlx.checkpoints.synthetic import main as synthetic_main
 
 COMMANDS = {
     "convert": (convert_main, []),

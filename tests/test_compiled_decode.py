@@ -1,4 +1,4 @@
-"""The compiled decode step (model.py, `Model.__call__`): one-token steps through
+"""The compiled decode step (model/mobilemoe.py, `Model.__call__`): one-token steps through
 mlx-lm's KVCache run as one compiled function over the whole cache buffers.
 
 It must give the float64 reference's logits (tests/reference.py) and the plain
@@ -15,7 +15,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from test_numerics import assert_close
 
 from bench.steps import graph_primitives, kernel_nodes
-from mobilemoe_mlx.routing import ExpertRecorder
+from mobilemoe_mlx.model.routing import ExpertRecorder
 
 # Only the compiled step writes the cache at an array offset; the plain path's
 # KVCache writes at Python ints (SliceUpdate).

@@ -10,10 +10,10 @@ import pytest
 from test_convert_cli import assert_clean_failure, run_convert
 
 from mobilemoe_mlx import convert, load
-from mobilemoe_mlx.config import PRESETS, preset_config, validate_config
-from mobilemoe_mlx.convert import converted_config
+from mobilemoe_mlx.checkpoints.config import PRESETS, preset_config, validate_config
+from mobilemoe_mlx.checkpoints.convert import converted_config
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.synthetic import write_synthetic
 
 QAT_BLOCK = {"format": "mobilemoe-int4-g32", "group_size": 32, "embedding_group_size": 32,
              "qmin": -8, "qmax": 7, "symmetric": True, "scale_dtype": "float16", "packed": True}

@@ -21,10 +21,10 @@ import pytest
 from test_convert_cli import assert_clean_failure, run_convert
 
 from mobilemoe_mlx import load
-from mobilemoe_mlx.consistency import read_tokenizer_ids
-from mobilemoe_mlx.convert import check_conversion
+from mobilemoe_mlx.checkpoints.consistency import read_tokenizer_ids
+from mobilemoe_mlx.checkpoints.convert import check_conversion
+from mobilemoe_mlx.checkpoints.loading import check_converted
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.loading import check_converted
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny preset's vocab_size; its tokenizer has a token for each id

@@ -16,8 +16,8 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from mobilemoe_mlx import convert_cli
-from mobilemoe_mlx.synthetic import write_synthetic
+from mobilemoe_mlx.checkpoints import convert_cli
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ class Result:
 
 
 def run_convert(*args) -> Result:
-    """convert.py's command (mobilemoe_mlx/convert_cli.py) in this process, as the shell would run it."""
+    """convert.py's command (mobilemoe_mlx/checkpoints/convert_cli.py) in this process, as the shell would run it."""
     handler = signal.getsignal(signal.SIGTERM)
     try:
         result = CliRunner().invoke(convert_cli.main, [str(a) for a in args])
@@ -292,7 +292,7 @@ def test_sigterm_removes_the_partial_output(tmp_path):
         "import os, signal, sys\n"
         "from pathlib import Path\n"
         "from mobilemoe_mlx.errors import run_cli\n"
-        "from mobilemoe_mlx.output_dir import atomic_output_dir\n"
+        "from mobilemoe_mlx.checkpoints.output_dir import atomic_output_dir\n"
         "def main():\n"
         "    with atomic_output_dir(Path(sys.argv[1])) as tmp:\n"
         "        (tmp / 'model.safetensors').write_bytes(b'half')\n"

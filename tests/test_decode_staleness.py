@@ -20,7 +20,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 from test_numerics import assert_close
 
 from bench.steps import graph_primitives
-from mobilemoe_mlx.model import DecoderLayer
+from mobilemoe_mlx.model.mobilemoe import DecoderLayer
 
 COMPILED_MARK = "DynamicSliceUpdate"  # as in test_compiled_decode.py
 PROMPT, NEW = 6, 8

@@ -15,11 +15,13 @@ from click.testing import CliRunner
 from test_convert_cli import REPO, assert_clean_failure, run_convert
 
 from bench.cli import main as bench_cli
-from mobilemoe_mlx import chat_cli, load, synthetic
-from mobilemoe_mlx.convert import convert
+from mobilemoe_mlx import load
+from mobilemoe_mlx.chat import cli as chat_cli
+from mobilemoe_mlx.checkpoints import synthetic
+from mobilemoe_mlx.checkpoints.convert import convert
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic, write_tokenizer
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.planner import PREFILL_CHUNK
-from mobilemoe_mlx.synthetic import write_synthetic, write_tokenizer
+from mobilemoe_mlx.model.planner import PREFILL_CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +186,7 @@ def test_every_writer_checks_its_out_alike(tmp_path):
     with pytest.raises(UserError, match="not a usable path"):
         convert("unused", str(tmp_path / "nul\0byte"))
     # The benchmark's --out, written into rather than replaced, is checked by the
-    # same code (mobilemoe_mlx/output_dir.py): word for word the same line.
+    # same code (mobilemoe_mlx/checkpoints/output_dir.py): word for word the same line.
     for out in (tmp_path / "a-file" / "x", "", tmp_path / ("a" * 300) / "x"):
         lines = [one_error_line(invoke(command, *args, "--out", out))[-1]
                  for command, args in ((synthetic.main, []), (bench_cli, ["run", "--quick"]),

@@ -19,16 +19,17 @@ from mlx_lm.generate import GenerationResponse
 from bench.cli import main as bench_main
 from bench.models import canonical
 from bench.options import CPU_SHORT, FULL, QUICK, choose_protocol
-from mobilemoe_mlx import chat_cli, convert_cli, loading, synthetic
-from mobilemoe_mlx.chat import ChatSession, Sampling
-from mobilemoe_mlx.chat_commands import stats_line
-from mobilemoe_mlx.chat_model import load_chat_model
-from mobilemoe_mlx.chat_stream import Generation, Turn
-from mobilemoe_mlx.config import preset_name
+from mobilemoe_mlx.chat import cli as chat_cli
+from mobilemoe_mlx.chat.commands import stats_line
+from mobilemoe_mlx.chat.loader import load_chat_model
+from mobilemoe_mlx.chat.session import ChatSession, Sampling
+from mobilemoe_mlx.chat.stream import Generation, Turn
+from mobilemoe_mlx.chat.terminal import Terminal
+from mobilemoe_mlx.checkpoints import convert_cli, loading, synthetic
+from mobilemoe_mlx.checkpoints.config import preset_name
+from mobilemoe_mlx.checkpoints.hub import model_source
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.hub import model_source
-from mobilemoe_mlx.runtime import CPU, CUDA, METAL
-from mobilemoe_mlx.terminal import Terminal
+from mobilemoe_mlx.model.runtime import CPU, CUDA, METAL
 
 
 def invoke(command, *args):
@@ -88,7 +89,7 @@ def test_offline_chat_and_convert_say_the_same_sentence_in_the_users_terms(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOBILEMOE_MLX_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read by hub.py when it runs
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read by checkpoints/hub.py when it runs
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     chat = error_line(invoke(chat_cli.main, "--model", "s", "--prompt", "Hello"))

@@ -19,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from bench import dense
-from mobilemoe_mlx import model as moe
+from mobilemoe_mlx.model import mobilemoe as moe
 
 
 def load(path, fuse: bool):
@@ -92,7 +92,7 @@ def test_mlx_lm_loader_fuses(qat_int4, tokens):
     from mlx_lm.utils import load as mlx_lm_load
 
     model, _ = mlx_lm_load(str(qat_int4.path), trust_remote_code=True)
-    assert type(model).__module__ != moe.__name__  # the directory's own copy of model.py
+    assert type(model).__module__ != moe.__name__  # the directory's own copy of model/mobilemoe.py
     assert fused_state(model) == (True, True)
     assert_identical(full_and_cached(model, tokens),
                      full_and_cached(load(qat_int4.path, False), tokens))

@@ -15,7 +15,7 @@ import pytest
 from bench.options import Settings
 from bench.parity import compare, models_for, random_tokens
 from bench.run import run_benchmark
-from mobilemoe_mlx.runtime import current, gpu_available
+from mobilemoe_mlx.model.runtime import current, gpu_available
 
 # Whether MLX has a GPU, not whether it is the default device now: conftest.py
 # pins the CPU for the other tiers and hands the GPU tier's tests the GPU.

@@ -20,10 +20,11 @@ from mlx.utils import tree_flatten
 from test_convert_cli import REPO, assert_clean_failure, run_convert
 from tmpfs import mounted_tmpfs
 
-from mobilemoe_mlx import convert, load, packing
+from mobilemoe_mlx import convert, load
+from mobilemoe_mlx.checkpoints import packing
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.runtime import current as current_runtime
-from mobilemoe_mlx.synthetic import write_synthetic
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_sweep_removes_what_a_killed_conversion_left(qat, tmp_path):
     out = tmp_path / "model"
     script = ("import os, signal, sys\n"
               "from pathlib import Path\n"
-              "from mobilemoe_mlx.output_dir import atomic_output_dir\n"
+              "from mobilemoe_mlx.checkpoints.output_dir import atomic_output_dir\n"
               "with atomic_output_dir(Path(sys.argv[1])) as tmp:\n"
               "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -362,7 +363,7 @@ def test_unreadable_config_is_one_line(qat, tmp_path, write, fragment):
 def test_disk_errors_while_writing_are_one_line(qat, tmp_path, monkeypatch, code):
     """The OS error is injected into the writer's file (a real full disk needs a
     tiny file system: see the tmpfs test below)."""
-    from mobilemoe_mlx import safetensors_writer
+    from mobilemoe_mlx.checkpoints import safetensors_writer
 
     real_write_shard = safetensors_writer.write_shard
 

@@ -16,7 +16,7 @@ import pytest
 from safetensors import SafetensorError, safe_open
 from test_convert_cli import run_convert
 
-from mobilemoe_mlx.synthetic import write_synthetic
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 
 DTYPES = ["F16", "BF16", "F32", "U8", "I8", "U32", "I64", "F64", "BOOL", "F8_E4M3", "Q4", ""]
 JUNK = [None, True, -1, 2 ** 70, 1.5, "7", [], {}, [1, 2, 3], [-1, 4]]

@@ -6,9 +6,9 @@ import mlx.core as mx
 import pytest
 
 from mobilemoe_mlx import convert, load
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 from mobilemoe_mlx.errors import UserError
-from mobilemoe_mlx.runtime import current as current_runtime
-from mobilemoe_mlx.synthetic import write_synthetic
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 
 @pytest.fixture

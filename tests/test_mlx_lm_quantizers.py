@@ -24,7 +24,7 @@ from mlx_lm.quant import dwq, dynamic_quant, gptq
 from mlx_lm.utils import load as mlx_lm_load
 
 import mobilemoe_mlx
-from mobilemoe_mlx.convert import convert
+from mobilemoe_mlx.checkpoints.convert import convert
 
 CALIBRATION_ROWS, CALIBRATION_LENGTH = 8, 32
 NEW_TOKENS = 3

@@ -13,7 +13,7 @@ import pytest
 import reference as ref
 from mlx_lm.models.cache import make_prompt_cache
 
-from mobilemoe_mlx import packing
+from mobilemoe_mlx.checkpoints import packing
 
 COS_EXACT, REL_EXACT = 0.99999, 1e-4
 COS_INT4 = 0.99

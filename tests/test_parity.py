@@ -15,8 +15,8 @@ from mlx.utils import tree_flatten
 from bench.cli import main as bench_main
 from bench.models import build_synthetic, model_config
 from bench.parity import cast, compare, models_for, random_tokens, trace
-from mobilemoe_mlx.model import split_at
-from mobilemoe_mlx.runtime import current as current_runtime
+from mobilemoe_mlx.model.mobilemoe import split_at
+from mobilemoe_mlx.model.runtime import current as current_runtime
 
 LAYERS = 4
 

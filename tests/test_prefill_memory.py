@@ -14,8 +14,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from bench import harness
 from bench.models import build_synthetic
 from bench.tokens import prompt_tokens
-from mobilemoe_mlx.config import preset_config
-from mobilemoe_mlx.planner import PREFILL_CHUNK, plan
+from mobilemoe_mlx.checkpoints.config import preset_config
+from mobilemoe_mlx.model.planner import PREFILL_CHUNK, plan
 
 
 def test_prefill_chunk_keeps_s_at_8k_within_budget():

@@ -1,11 +1,16 @@
-"""The one generator of random quantized weights (mobilemoe_mlx/synthetic.py),
+"""The one generator of random quantized weights (mobilemoe_mlx/checkpoints/synthetic.py),
 read back through MLX's own dequantize and NumPy, not through our packer."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mobilemoe_mlx.synthetic import level_scale, pack_levels, random_levels, random_packed_weight
+from mobilemoe_mlx.checkpoints.synthetic import (
+    level_scale,
+    pack_levels,
+    random_levels,
+    random_packed_weight,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

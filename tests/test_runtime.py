@@ -1,4 +1,4 @@
-"""One decision of which backend runs (mobilemoe_mlx/runtime.py), and everything
+"""One decision of which backend runs (mobilemoe_mlx/model/runtime.py), and everything
 that depends on it following it: loading's cast, the cache's conversion dtype,
 the benchmark's labels, notes and defaults, the planner's phone question.
 
@@ -16,9 +16,9 @@ import pytest
 
 from bench import report as bench_report
 from bench.harness import machine_info
-from mobilemoe_mlx import loading
-from mobilemoe_mlx.runtime import CPU, CUDA, METAL, current
-from mobilemoe_mlx.synthetic import write_synthetic
+from mobilemoe_mlx.checkpoints import loading
+from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
+from mobilemoe_mlx.model.runtime import CPU, CUDA, METAL, current
 
 ROOT = Path(__file__).resolve().parents[1]
 

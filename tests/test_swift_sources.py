@@ -272,7 +272,7 @@ def test_every_swift_linear_is_built_without_bias():
 
 def _loaded_names(converted) -> Set[str]:
     """The parameter names of the Python model loaded from `converted`: the
-    file's tensors after model.py's sanitize (q/k/v and shared gate/up fused
+    file's tensors after model/mobilemoe.py's sanitize (q/k/v and shared gate/up fused
     when quantized), which the Swift model's sanitize must reproduce."""
     return {k for k, _ in tree_flatten(converted.model().parameters())}
 
@@ -289,7 +289,7 @@ def test_swift_mobilemoe_parameters_equal_loaded_python_names(fixture, request):
 
 def test_swift_attention_declares_fused_and_separate_projections():
     # Fusion changes the names: quantized directories load as qkv_proj and
-    # gate_up_proj (model.py), float ones keep q/k/v and gate/up; the Swift
+    # gate_up_proj (model/mobilemoe.py), float ones keep q/k/v and gate/up; the Swift
     # modules must be able to hold either.
     tree = model_tree(1)
     for swift_type, fused, parts in [("Attention", "qkv_proj", {"q_proj", "k_proj", "v_proj"}),

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from tokenizers import Tokenizer
 
-from mobilemoe_mlx import chat_cli
-from mobilemoe_mlx.config import preset_config
-from mobilemoe_mlx.consistency import read_tokenizer_ids
-from mobilemoe_mlx.synthetic import BOS_ID, EOS_IDS, SPECIAL_TOKENS, write_tokenizer
+from mobilemoe_mlx.chat import cli as chat_cli
+from mobilemoe_mlx.checkpoints.config import preset_config
+from mobilemoe_mlx.checkpoints.consistency import read_tokenizer_ids
+from mobilemoe_mlx.checkpoints.synthetic import BOS_ID, EOS_IDS, SPECIAL_TOKENS, write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORD = re.compile(r"[A-Za-z]{2}")
@@ -68,7 +68,7 @@ def test_the_full_size_demo_chats_in_words(tmp_path):
     """The README's try-it path at the real S shape, as a user runs it."""
     env = dict(os.environ, MOBILEMOE_MLX_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     model = tmp_path / "s"
-    for command in ([sys.executable, "-m", "mobilemoe_mlx.synthetic", "--preset", "S",
+    for command in ([sys.executable, "-m", "mobilemoe_mlx.checkpoints.synthetic", "--preset", "S",
                      "--out", str(model)],
                     [sys.executable, "chat.py", "--model", str(model), "--max-tokens", "12",
                      "--prompt", "Hello"]):

@@ -47,7 +47,7 @@ class ToolModel:
 def _build(tmp_path_factory, name: str, write: str, **convert_kwargs) -> ToolModel:
     import checkpoints
 
-    from mobilemoe_mlx.convert import convert
+    from mobilemoe_mlx.checkpoints.convert import convert
 
     root = tmp_path_factory.mktemp(f"tool-{name}")
     source = getattr(checkpoints, write)(root / "source", config=tool_config())

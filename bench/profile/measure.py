@@ -169,8 +169,8 @@ def run_profile(built, context: int, chunk: int, repeats: int, seed: int = 0,
     whose total is the FLOPs of estimate.profile_work, updated as they are done."""
     import numpy as np
 
-    from mobilemoe_mlx.planner import PREFILL_CHUNK
-    from mobilemoe_mlx.runtime import current
+    from mobilemoe_mlx.model.planner import PREFILL_CHUNK
+    from mobilemoe_mlx.model.runtime import current
 
     from ..estimate import profile_steps, profile_work
     from ..models import describe_storage
@@ -225,8 +225,8 @@ def build_model(name: str, dtype: Optional[str], seed: int):
     """bench.models.Built for a preset name (synthetic weights, fused as loading
     fuses them; `dtype` default: this backend's) or a converted directory (as
     load() runs it here; `dtype` casts it)."""
-    from mobilemoe_mlx.loading import load_converted
-    from mobilemoe_mlx.runtime import current
+    from mobilemoe_mlx.checkpoints.loading import load_converted
+    from mobilemoe_mlx.model.runtime import current
 
     from ..models import Built, build_synthetic, check_checkpoint, is_checkpoint_name, storage_of
     from ..parity import cast

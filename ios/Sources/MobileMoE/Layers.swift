@@ -2,7 +2,7 @@
 // (MobileLLMPro.swift): attention with interleaved RoPE and weightless QK-norm,
 // the SwiGLU feed-forward block, and the expert linears kept [E, in, out].
 //
-// They compute what mobilemoe_mlx/model.py computes (the Python port is the
+// They compute what mobilemoe_mlx/model/mobilemoe.py computes (the Python port is the
 // reference; tests/test_swift_sources.py checks the parameter names and
 // Tests/MobileMoETests checks the numbers against a Python fixture).
 
@@ -46,7 +46,7 @@ public struct RoPEParameters: Codable, Sendable {
     }
 
     /// Older configs name the scaling kind `type` instead of `rope_type`;
-    /// mlx-lm (and mobilemoe_mlx/config.py) accept either, `rope_type` first.
+    /// mlx-lm (and mobilemoe_mlx/checkpoints/config.py) accept either, `rope_type` first.
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         ropeType =
@@ -164,7 +164,7 @@ func weightlessRMSNorm(_ x: MLXArray, eps: Float, units: UnitWeights) -> MLXArra
 // MARK: - Fusion at load
 
 /// A module whose projections `partKeys` (Linear, no bias) can run as one
-/// stacked linear `fusedKey`, as mobilemoe_mlx/model.py's _Fusable: at load,
+/// stacked linear `fusedKey`, as mobilemoe_mlx/model/mobilemoe.py's _Fusable: at load,
 /// when all parts are quantized with the same packing, their packed words,
 /// scales and biases are stacked along the output rows (quantization groups
 /// run along the input, so every product is exactly that of the separate
@@ -277,7 +277,7 @@ final class Attention: Module, FusableProjections {
         if let qkvProj {
             // One matmul, then q and k heads rotated and normalised together
             // (both per head and per position: one RoPE and one RMS-norm for
-            // both, the same values as two of each), as model.py does.
+            // both, the same values as two of each), as model/mobilemoe.py does.
             let qkv = qkvProj(x).reshaped(b, l, heads + 2 * kvHeads, headDim)
                 .transposed(0, 2, 1, 3)
             let qkAndV = qkv.split(indices: [heads + kvHeads], axis: 1)
@@ -332,7 +332,7 @@ final class SwiGLU: Module, UnaryLayer, FusableProjections {
 }
 
 /// silu(gate) * up as one compiled function, as mlx-lm's `swiglu` (which
-/// model.py uses): its elementwise steps run as one kernel and the host
+/// model/mobilemoe.py uses): its elementwise steps run as one kernel and the host
 /// replays one traced graph instead of building three operations.
 let swiglu: @Sendable (MLXArray, MLXArray) -> MLXArray = compile(shapeless: true) { gate, up in
     silu(gate) * up

@@ -1,7 +1,7 @@
 // MobileMoE ("MobileMoE: Scaling On-Device Mixture of Experts", Meta, 2026) for
 // mlx-swift-lm. Reads a directory written by the Python converter (convert.py)
 // unchanged: the same safetensors names, the same config.json with its
-// `quantization` block, and computes what mobilemoe_mlx/model.py computes.
+// `quantization` block, and computes what mobilemoe_mlx/model/mobilemoe.py computes.
 //
 // Per layer: x += o_proj(attention(RMSNorm(x))); then with b = RMSNorm(x):
 // router in float32, sigmoid scores, top-k by score + expert_bias, weights the
@@ -39,7 +39,7 @@ public struct MobileMoEConfiguration: Codable, Sendable {
     public var ropeParameters: RoPEParameters?
     public var ropeScaling: RoPEParameters?
     public var tieWordEmbeddings: Bool
-    /// Stack quantized q/k/v and the shared expert's gate/up at load (model.py's
+    /// Stack quantized q/k/v and the shared expert's gate/up at load (model/mobilemoe.py's
     /// `fuse_projections`, default true).
     public var fuseProjections: Bool
     /// Sorted dispatch from this many (token, expert) pairs on: sorting pays
@@ -168,7 +168,7 @@ final class RoutedExperts: Module {
     }
 }
 
-/// The routing math as model.py's compiled `select_experts` and
+/// The routing math as model/mobilemoe.py's compiled `select_experts` and
 /// `combine_experts`: one traced function each, shared by every layer of a
 /// model (same k and scaling), so their elementwise steps fuse and the host
 /// replays a traced graph instead of building it operation by operation.
@@ -305,7 +305,7 @@ public final class MobileMoEModel: Module, LLMModel, KVCacheDimensionProvider {
     /// Converted directories already use this model's names; an untied head
     /// some exporters add is dropped (the embedding is the head). Then, unless
     /// `fuse_projections` is off, quantized q/k/v and shared-expert gate/up
-    /// are stacked and the module tree set up to take them, as model.py's
+    /// are stacked and the module tree set up to take them, as model/mobilemoe.py's
     /// sanitize (mlx-swift-lm's loadWeights calls this before it quantizes).
     public func sanitize(weights: [String: MLXArray]) -> [String: MLXArray] {
         var weights = weights.filter { !$0.key.hasPrefix("lm_head.") }

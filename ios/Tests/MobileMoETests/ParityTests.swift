@@ -73,7 +73,7 @@ final class ParityTests: XCTestCase {
 
     func testLogitsAndExpertChoicesMatchPython() async throws {
         let model = try await checkParity(directory: "model")
-        // Quantized q/k/v and shared gate/up are stacked at load, as in model.py.
+        // Quantized q/k/v and shared gate/up are stacked at load, as in model/mobilemoe.py.
         for layer in model.model.layers {
             XCTAssertTrue(layer.attention.isFused)
             XCTAssertTrue(layer.feedForward.sharedExpert.isFused)
@@ -128,7 +128,7 @@ final class ParityTests: XCTestCase {
     }
 
     func testRoPEScalingTypeIsReadAsRopeType() throws {
-        // Older configs write "type" (mlx-lm and mobilemoe_mlx/config.py accept it).
+        // Older configs write "type" (mlx-lm and mobilemoe_mlx/checkpoints/config.py accept it).
         let legacy = try JSONDecoder().decode(
             RoPEParameters.self,
             from: Data(#"{"type": "llama3", "factor": 16.0, "original_max_position_embeddings": 64}"#.utf8))

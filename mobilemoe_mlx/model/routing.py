@@ -1,7 +1,7 @@
 """Which routed experts each MoE layer chose, recorded on a model instance.
 
 Each MoE block reports the expert indices its router chose to its observers
-(model.py's `MoE.observers`), on every path: a plain forward reports them as
+(model/mobilemoe.py's `MoE.observers`), on every path: a plain forward reports them as
 they are computed, a compiled decode step after it runs. Nothing is recomputed
 and results are unchanged. chat.py's /stats and the benchmark's routing report
 both use it.

@@ -5,7 +5,7 @@ config.json with mlx-lm's `quantization` entry and `model_file`, the model
 source beside it, the tokenizer files, and conversion.json (provenance and
 the quantization error introduced, per tensor).
 
-Packed INT4 QAT weights are carried over bit for bit (see packing.py);
+Packed INT4 QAT weights are carried over bit for bit (see checkpoints/packing.py);
 bf16/fp32 weights are quantized to INT4 group-32 by default.
 """
 
@@ -19,8 +19,9 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from ._version import __version__
-from .checkpoint import INDEX_FILE, TensorSource, open_checkpoint, read_text, weight_files
+from .._version import __version__
+from ..errors import UserError
+from ..model.runtime import current as current_runtime
 from .config import (
     CONVERT_BITS,
     DTYPE_NAMES,
@@ -31,7 +32,6 @@ from .config import (
     validate_config,
 )
 from .consistency import check_checkpoint_files
-from .errors import UserError
 from .hub import fetch_checkpoint, looks_like_repo_id
 from .layout import (
     QAT,
@@ -42,7 +42,7 @@ from .layout import (
     model_weights,
 )
 from .output_dir import USER_OUT, Destination, atomic_output_dir, check_output_dir
-from .runtime import current as current_runtime
+from .reading import INDEX_FILE, TensorSource, open_checkpoint, read_text, weight_files
 from .safetensors_writer import Group, write_model
 from .tensor_converter import TensorConverter
 
@@ -288,7 +288,7 @@ def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYT
         # The dtype written, not the source's: mlx_lm.convert saves in it by default.
         cfg["torch_dtype"] = c.dtype
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        shutil.copy2(Path(__file__).with_name("model.py"), tmp / MODEL_FILE)
+        shutil.copy2(Path(__file__).parents[1] / "model" / "mobilemoe.py", tmp / MODEL_FILE)
         copied = _copy_tokenizer(c.tokenizer_dir, tmp)
         report = {
             "converter": f"mobilemoe-mlx {__version__}", "source": c.source,

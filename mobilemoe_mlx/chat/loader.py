@@ -5,7 +5,7 @@ converted or loaded.
 The refusals come as early as the files allow: a `--kv-bits` its heads cannot
 take is refused before anything happens wherever the checkpoint's config.json
 is on this machine, else with a checkpoint without a chat template (unless raw)
-just before a conversion starts (loading.py's `before_converting`); a `--system`
+just before a conversion starts (checkpoints/loading.py's `before_converting`); a `--system`
 prompt too long for the context is refused before anything at all happens
 wherever the checkpoint's config.json and tokenizer are already on this machine
 (a local directory or weights file, converted or not, or a Hub repo in the
@@ -20,10 +20,10 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .chat import check_system_fits
-from .chat_options import kv_group_size
-from .errors import UserError
-from .hub import model_source  # noqa: F401 - chat's name for it
+from ..checkpoints.hub import model_source  # noqa: F401 - chat's name for it
+from ..errors import UserError
+from .options import kv_group_size
+from .session import check_system_fits
 
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
 
@@ -36,8 +36,8 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     the model at full context will not fit this machine's memory. A `system`
     prompt that does not fit the context raises UserError, before the model is
     converted or loaded wherever its files allow (see the module's docstring)."""
-    from .loading import load
-    from .planner import fits_warning
+    from ..checkpoints.loading import load
+    from ..model.planner import fits_warning
 
     check_kv_bits(source, revision, kv_bits)
     measured = raw or not system or measure_system_prompt(source, revision, system)
@@ -109,7 +109,7 @@ def measure_system_prompt(source: str, revision: Optional[str], system: str) -> 
 
 def _files_on_this_machine(source: str, revision: Optional[str]) -> Optional[Path]:
     """The directory holding `source`'s config.json and tokenizer without fetching anything."""
-    from .hub import looks_like_repo_id
+    from ..checkpoints.hub import looks_like_repo_id
 
     path = Path(source).expanduser()
     if path.exists():
@@ -128,10 +128,10 @@ def _files_on_this_machine(source: str, revision: Optional[str]) -> Optional[Pat
 def _measure(folder: Path, system: str, config: Optional[dict] = None) -> bool:
     """Measure `system` with the tokenizer and context in `folder` (UserError if it
     does not fit); False where they cannot be read or there is no template to measure."""
-    from .checkpoint import read_config
-    from .config import validate_config
-    from .loading import load_tokenizer
-    from .model import ModelArgs
+    from ..checkpoints.config import validate_config
+    from ..checkpoints.loading import load_tokenizer
+    from ..checkpoints.reading import read_config
+    from ..model.mobilemoe import ModelArgs
 
     if not (folder / "tokenizer.json").is_file() or not ships_chat_template(folder):
         return False

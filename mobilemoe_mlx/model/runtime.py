@@ -43,7 +43,7 @@ class Runtime:
     @property
     def prefill_chunk(self) -> int:
         """Prompt tokens per prefill chunk (chat; `bench run`'s default), with
-        the experts' sorted dispatch (model.py), chosen by measurement
+        the experts' sorted dispatch (model/mobilemoe.py), chosen by measurement
         (docs/benchmarks.md, "Prefill dispatch"). 256 on every backend for now:
         on the CPU, chunks of 128, 256 and 512 and sorted or unsorted dispatch
         came within 4-7% of each other at S's shape, run to run; on the GPUs
@@ -64,7 +64,7 @@ class Runtime:
 
 def exact_float32_matmuls() -> None:
     """Ask MLX's GPU backends for real float32 matmuls (MLX_ENABLE_TF32=0), not
-    TF32, unless the user chose; model.py explains why the router needs it.
+    TF32, unless the user chose; model/mobilemoe.py explains why the router needs it.
     MLX reads the variable at the process's first matmul, so this is called when
     the package is imported, before anything of ours can run one."""
     os.environ.setdefault("MLX_ENABLE_TF32", "0")

@@ -1,12 +1,12 @@
 """The conversation: its messages, the chat template, the KV cache kept across
-turns, and one answer at a time. No terminal I/O: terminal.py reads and prints.
+turns, and one answer at a time. No terminal I/O: chat/terminal.py reads and prints.
 
 `ChatSession.ask()` renders the conversation with the tokenizer's chat
 template, feeds the model only the tokens its cache does not hold yet, and
-streams the answer (chat_stream.py, over mlx-lm's `stream_generate`).
+streams the answer (chat/stream.py, over mlx-lm's `stream_generate`).
 
 How the cache is kept (the part that is easy to get wrong):
-- `cache_tokens` is exactly what the KV cache holds (chat_cache.py); after
+- `cache_tokens` is exactly what the KV cache holds (chat/cache.py); after
   every answer it is re-read from the caches' offsets.
 - `history_text` / `history_tokens` are the rendered conversation so far and
   the tokens that stand for it: the answer's own tokens, not a re-encoding of
@@ -21,8 +21,11 @@ How the cache is kept (the part that is easy to get wrong):
 
 from typing import Callable, List, Optional, Tuple
 
-from .chat_cache import PromptCache
-from .chat_options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: part of the API
+from ..checkpoints.consistency import check_token_ids
+from ..errors import UserError
+from ..model.routing import ExpertRecorder
+from .cache import PromptCache
+from .options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: part of the API
     MIN_KV_SIZE,
     SEED_MAX,
     Sampling,
@@ -30,10 +33,7 @@ from .chat_options import (  # noqa: F401 - MIN_KV_SIZE, SEED_MAX, check_seed: p
     check_seed,
     kv_group_size,
 )
-from .chat_stream import Generation, StopSwitch, Turn, stream_answer
-from .consistency import check_token_ids
-from .errors import UserError
-from .routing import ExpertRecorder
+from .stream import Generation, StopSwitch, Turn, stream_answer
 
 
 def _smallest_prompt(tokenizer, system: Optional[str]) -> List[int]:

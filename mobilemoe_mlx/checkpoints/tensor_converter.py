@@ -9,9 +9,8 @@ from typing import Dict, List
 
 import mlx.core as mx
 
+from ..errors import UserError
 from . import packing
-from .checkpoint import TensorSource
-from .errors import UserError
 from .layout import (
     BIAS,
     EXPERTS,
@@ -23,6 +22,7 @@ from .layout import (
     Weight,
     source_tensors,
 )
+from .reading import TensorSource
 
 
 class TensorConverter:

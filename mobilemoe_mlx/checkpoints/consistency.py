@@ -11,7 +11,7 @@ model is built:
 - every id tokenizer.json can produce (its vocabulary, its added tokens, the
   ids its post-processor inserts) is below `vocab_size`: a tokenizer with
   fewer ids than the embedding has rows (padding rows) is fine;
-- every `*_token_id` field (bos, eos, pad, ...) of config.json (config.py),
+- every `*_token_id` field (bos, eos, pad, ...) of config.json (checkpoints/config.py),
   generation_config.json and tokenizer_config.json is null, an id in range or
   a list of them;
 - every special token tokenizer_config.json and special_tokens_map.json name
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from .checkpoint import TensorInfo, read_json_object, read_text
+from ..errors import UserError
 from .config import TOKEN_ID_FIELD, shown, token_ids_ok
-from .errors import UserError
+from .reading import TensorInfo, read_json_object, read_text
 
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 # Written inside every temporary directory this module creates, and only there.
 MARKER = ".mobilemoe-mlx-partial"

@@ -14,7 +14,7 @@ from typing import Callable, ContextManager, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .runtime import current as current_runtime
+from ..model.runtime import current as current_runtime
 
 
 class _Stop(Exception):

@@ -1,7 +1,7 @@
 """The terminal around a chat: it reads lines and prints, nothing more.
 
 The conversation and its KV cache are a ChatSession's (chat.py); what the
-/commands do and say is chat_commands.py's. A Terminal reads messages (typed,
+/commands do and say is chat/commands.py's. A Terminal reads messages (typed,
 with line editing, or piped, one per line; a line opening with triple quotes
 starts a multi-line message), streams each answer to stdout, and prints
 everything else (banner, prompts, stats, notes, command output) to stderr, so
@@ -17,10 +17,10 @@ import threading
 from contextlib import contextmanager
 from typing import Optional, TextIO
 
-from .chat import ChatSession, Turn
-from .chat_commands import run_command, stats_line
-from .chat_options import is_text
-from .errors import UserError
+from ..errors import UserError
+from .commands import run_command, stats_line
+from .options import is_text
+from .session import ChatSession, Turn
 
 PROMPT = ">>> "
 # What read_line returns for a line a strict stream could not decode: a lone

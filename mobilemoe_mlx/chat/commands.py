@@ -1,11 +1,11 @@
 """What the chat's /commands do to the conversation, and the text they and the
 stats line say. Nothing here reads or prints: `run_command` returns the lines
-for the terminal (terminal.py) to print."""
+for the terminal (chat/terminal.py) to print."""
 
 from typing import List, Optional
 
-from .chat import ChatSession, Turn
-from .errors import UserError
+from ..errors import UserError
+from .session import ChatSession, Turn
 
 HELP = """\
 /help            this list

@@ -14,8 +14,8 @@ experts are [E, in, out] (the checkpoints' own orientation).
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from .checkpoint import TensorInfo, TensorSource
-from .errors import UserError
+from ..errors import UserError
+from .reading import TensorInfo, TensorSource
 
 QAT, FUSED, PER_EXPERT = "qat", "bf16", "bf16-per-expert"
 FLOAT_DTYPES = ("BF16", "F16", "F32")

@@ -10,8 +10,8 @@ import math
 import re
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
-from . import analytic
-from .errors import UserError
+from ..errors import UserError
+from ..model import analytic
 
 # Storage choices, defined once for the converter, the loader and the benchmark.
 DTYPE_NAMES = ("float16", "bfloat16", "float32")  # floating dtypes a model can be stored in
@@ -132,7 +132,7 @@ POSITIVE_NUMBER = Kind("a positive finite number",
                        lambda v: _is_number(v) and math.isfinite(v) and v > 0)
 BOOLEAN = Kind("true or false", lambda v: isinstance(v, bool))
 
-# Every field of config.json that the model (model.py's ModelArgs), the converter
+# Every field of config.json that the model (model/mobilemoe.py's ModelArgs), the converter
 # or chat reads, and what it must be; (required, kind). Checked in one place,
 # validate_config, when a checkpoint is converted and when a converted one loads.
 _FIELDS = {

@@ -13,8 +13,8 @@ from typing import TextIO
 
 import click
 
-from .chat_options import MIN_KV_SIZE, SEED_MAX, ChatOptions
-from .errors import OneLineCommand, run_cli
+from ..errors import OneLineCommand, run_cli
+from .options import MIN_KV_SIZE, SEED_MAX, ChatOptions
 
 
 class Finite(click.FloatRange):
@@ -71,7 +71,7 @@ def main(verbose, model, variant, revision, seed, draft, prompt, system, raw, nu
     Inside the chat: /help, /reset, /system TEXT, /stats, /quit. Ctrl-C stops an
     answer, Ctrl-D leaves. Answers go to stdout, everything else to stderr."""
     def run():
-        from .chat_options import Sampling, SessionOptions
+        from .options import Sampling, SessionOptions
 
         session = SessionOptions(
             system=system, raw=raw, sampling=Sampling(**sampling), speculative=draft is not None,
@@ -91,9 +91,9 @@ def chat(options: ChatOptions, stdin: TextIO = None, out: TextIO = None,
     loaded; so does a `--prompt` the session refuses (token ids the model lacks)."""
     import mlx.core as mx
 
-    from .chat import ChatSession
-    from .chat_model import activation_dtype, load_models
-    from .runtime import current as current_runtime
+    from ..model.runtime import current as current_runtime
+    from .loader import activation_dtype, load_models
+    from .session import ChatSession
     from .terminal import Terminal, tolerant
 
     source, draft_source = options.sources()

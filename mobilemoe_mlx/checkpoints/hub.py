@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ..errors import UserError
 from .config import RELEASED_SIZES, preset_name
-from .errors import UserError
 
 # Only what conversion reads: never the repo's remote code or other formats.
 _METADATA_PATTERNS = ["*.json", "*.jinja", "tokenizer*"]

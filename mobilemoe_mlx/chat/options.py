@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .errors import UserError
+from ..errors import UserError
 
 SEED_MAX = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens: fewer leaves nothing to rotate
@@ -121,7 +121,7 @@ class ChatOptions:
     prompt: Optional[str] = None  # answer this one message and exit
 
     def __post_init__(self):
-        from .hub import release_repo
+        from ..checkpoints.hub import release_repo
 
         check_seed(self.seed)
         for option, text in (("--prompt", self.prompt), ("--system", self.session.system)):
@@ -140,8 +140,8 @@ class ChatOptions:
     def sources(self) -> Tuple[str, Optional[str]]:
         """The model's source and the draft's (None without --draft), each checked
         to be a path or a repo id before anything is fetched."""
-        from .hub import model_source, release_repo
-        from .loading import check_source_argument
+        from ..checkpoints.hub import model_source, release_repo
+        from ..checkpoints.loading import check_source_argument
 
         source = model_source(self.model, self.variant)
         check_source_argument(source, "--model")

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 
 import mlx.core as mx
 
-from .errors import UserError
+from ..errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 INDEX_FILE = "model.safetensors.index.json"  # the shard list of a sharded checkpoint

@@ -8,8 +8,8 @@ from a checkout.
 
 import click
 
+from ..errors import OneLineCommand, run_cli
 from .convert import DTYPES, convert
-from .errors import OneLineCommand, run_cli
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})

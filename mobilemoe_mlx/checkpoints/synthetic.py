@@ -11,7 +11,7 @@ output head their logits are always 0 while some other token's is higher: a
 synthetic model never stops by itself, so a run produces exactly the tokens
 asked for (what benchmarks and tests need).
 
-    python -m mobilemoe_mlx.synthetic --preset S --layout qat --out DIR
+    python -m mobilemoe_mlx.checkpoints.synthetic --preset S --layout qat --out DIR
 """
 
 import itertools
@@ -23,8 +23,8 @@ import click
 import mlx.core as mx
 import numpy as np
 
+from ..errors import OneLineCommand, UserError, run_cli
 from .config import preset_config, preset_name
-from .errors import OneLineCommand, UserError, run_cli
 from .layout import (
     BIAS,
     EMBEDDING,

@@ -2,7 +2,7 @@
 
 Memory at context T = weights (all experts resident, INT4) + KV cache at T
 (optionally 8-bit) + working memory of the last prefill chunk. The first two
-are exact counts (analytic.py); the third is an upper-bound estimate of what
+are exact counts (model/analytic.py); the third is an upper-bound estimate of what
 is alive at once while the last chunk runs (see `working_bytes`).
 
     python -m bench plan --model L --context 8192 --kv-bits 8

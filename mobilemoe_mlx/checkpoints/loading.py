@@ -11,13 +11,8 @@ from typing import Callable, Iterator, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import (
-    WEIGHT_SUFFIXES,
-    CorruptSafetensors,
-    read_config,
-    read_safetensors_header,
-    tensor_bytes,
-)
+from ..errors import UserError
+from ..model.runtime import current as current_runtime
 from .config import check_config_fits, validate_config
 from .consistency import check_checkpoint_files, check_embedding_rows
 from .convert import (  # noqa: F401 - is_converted is public here too
@@ -26,10 +21,15 @@ from .convert import (  # noqa: F401 - is_converted is public here too
     source_files,
     write_conversion,
 )
-from .errors import UserError
 from .hub import cache_root, converted_cache_dir, looks_like_repo_id, resolve_revision
 from .output_dir import Destination, os_error_reason
-from .runtime import current as current_runtime
+from .reading import (
+    WEIGHT_SUFFIXES,
+    CorruptSafetensors,
+    read_config,
+    read_safetensors_header,
+    tensor_bytes,
+)
 
 # How messages name a conversion into the cache: the user passed no --out.
 CACHE_ENTRY = Destination(
@@ -89,7 +89,7 @@ def check_converted(path: Path) -> dict:
     every weights file's header is checked against its size, the config
     against the bytes the weights hold (DamagedConversion if a file is
     damaged) and against the embedding's rows, and the tokenizer files against
-    the config (consistency.py: no id the tokenizer or a config names may lie
+    the config (checkpoints/consistency.py: no id the tokenizer or a config names may lie
     past the embedding)."""
     config = read_config(path / "config.json")
     validate_config(config)
@@ -105,14 +105,14 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
     `config` is what `check_converted(path)` returned, when the caller already
     checked the directory (so nothing is read twice); otherwise it is checked here.
     With `float32_on_cpu` (what load() asks for), where MLX runs on the CPU
-    (runtime.py) the floating parameters are cast to float32 (quantized
+    (model/runtime.py) the floating parameters are cast to float32 (quantized
     weights stay quantized; their scales and biases are cast): the CPU backend
     runs float16 and bfloat16 tens of times slower, and the directory on disk
     stays as portable as it was converted. GPU backends (Metal, CUDA) keep the
     stored dtypes, as does the benchmark everywhere."""
     from mlx_lm.utils import load_model
 
-    from .model import Model, ModelArgs
+    from ..model.mobilemoe import Model, ModelArgs
 
     if config is None:
         check_converted(path)
@@ -143,7 +143,7 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
 def _check_runs_here(model: nn.Module, path: Path) -> None:
     """MLX's CPU backend has gather_mm in float32 only: say so at load, not at
     the first token with a kernel error."""
-    from .model import ExpertLinear
+    from ..model.mobilemoe import ExpertLinear
 
     experts = model.layers[0].feed_forward.experts.gate_up_proj
     if isinstance(experts, ExpertLinear) and experts.weight.dtype != mx.float32:
