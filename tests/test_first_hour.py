@@ -8,13 +8,12 @@ client's own offline switch) or asserts a time."""
 
 import io
 import json
-import signal
 
 import huggingface_hub.constants
 import mlx.core as mx
 import pytest
-from click.testing import CliRunner
 from mlx_lm.generate import GenerationResponse
+from test_edges import invoke
 
 from bench.cli import main as bench_main
 from bench.models import canonical
@@ -30,14 +29,6 @@ from mobilemoe_mlx.checkpoints.config import preset_name
 from mobilemoe_mlx.checkpoints.hub import model_source
 from mobilemoe_mlx.errors import UserError
 from mobilemoe_mlx.model.runtime import CPU, CUDA, METAL
-
-
-def invoke(command, *args):
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        return CliRunner().invoke(command, [str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, handler)  # run_cli installs its own
 
 
 def error_line(result) -> str:

@@ -83,15 +83,8 @@ def adapted(tool_int4, tmp_path_factory):  # noqa: F811
     mx.random.seed(3)  # LoRA's initial lora_a
     model.freeze()
     linear_to_lora_layers(model, 2, {**LORA, "keys": EXPERT_KEYS})
-    optimizer = optim.Adam(learning_rate=1e-2)
-    step = nn.value_and_grad(model, lambda m: default_loss(m, BATCH, mx.array([[0, 16]] * 4))[0])
     model.train()
-    losses = []
-    for _ in range(STEPS):
-        loss, grads = step(model)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        losses.append(loss.item())
+    losses = train_steps(model, STEPS)
     model.eval()
     path = tmp_path_factory.mktemp("adapters")
     mx.save_safetensors(str(path / "adapters.safetensors"),
@@ -219,8 +212,8 @@ def train_model(model):
         layer.unfreeze()
 
 
-def full_fine_tune(model, steps: int = 4):
-    train_model(model)
+def train_steps(model, steps: int):
+    """`steps` Adam steps on BATCH with mlx-lm's default loss; the losses."""
     optimizer = optim.Adam(learning_rate=1e-2)
     step = nn.value_and_grad(model, lambda m: default_loss(m, BATCH, mx.array([[0, 16]] * 4))[0])
     losses = []
@@ -230,6 +223,11 @@ def full_fine_tune(model, steps: int = 4):
         mx.eval(model.parameters(), optimizer.state)
         losses.append(loss.item())
     return losses
+
+
+def full_fine_tune(model, steps: int = 4):
+    train_model(model)
+    return train_steps(model, steps)
 
 
 @pytest.fixture(scope="module")
