@@ -5,8 +5,8 @@ no network). Each result keeps the router and expert bias float32 and
 unquantized, loads through mlx-lm's loader and ours alike, generates, and its
 logits stay near the float model's (a bound by bits). AWQ refuses in one line.
 
-The test model (`tool_checkpoint`): the tiny preset with head_dim 64, so every
-quantized width is a multiple of mlx-lm's default group size (64)."""
+The test model is tests/tool_model.py's: every quantized width a multiple of
+mlx-lm's default group size (64)."""
 
 import json
 import os
@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.quant import dwq, dynamic_quant, gptq
 from mlx_lm.utils import load as mlx_lm_load
+from tool_model import tool_config, tool_dense  # noqa: F401  (tool_dense: a pytest fixture)
 
 import mobilemoe_mlx
 from mobilemoe_mlx.checkpoints.convert import convert
@@ -30,28 +31,16 @@ CALIBRATION_ROWS, CALIBRATION_LENGTH = 8, 32
 NEW_TOKENS = 3
 
 
-def tool_config() -> dict:
-    """The tiny preset with head_dim 64: q/k/v/o, the experts, the shared
-    expert and the embedding then have every quantized width a multiple of 64."""
-    import checkpoints as ck
-
-    return dict(ck.tiny_config(), head_dim=64)
+@pytest.fixture(scope="module")
+def tool_checkpoint(tool_dense) -> Path:  # noqa: F811
+    """The tool model's checkpoint in the released bf16 layout (tests/tool_model.py)."""
+    return tool_dense.source.path
 
 
 @pytest.fixture(scope="module")
-def tool_checkpoint(tmp_path_factory) -> Path:
-    """`tool_config()`'s checkpoint in the released bf16 layout (tests/checkpoints.py)."""
-    import checkpoints as ck
-
-    return ck.write_bf16(tmp_path_factory.mktemp("tool-model") / "src", config=tool_config()).path
-
-
-@pytest.fixture(scope="module")
-def float_dir(tool_checkpoint) -> Path:
-    """The tool checkpoint converted unquantized to float32: what every
-    quantizer here starts from."""
-    return Path(convert(str(tool_checkpoint), str(tool_checkpoint.parent / "float"),
-                        quantize=False, dtype="float32", progress=False))
+def float_dir(tool_dense) -> Path:  # noqa: F811
+    """It converted unquantized to float32: what every quantizer here starts from."""
+    return tool_dense.path
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +139,11 @@ def test_gptq(float_dir, tool_tokens, float_logits, tmp_path, monkeypatch):
                                  "--trust-remote-code"])
     weights = check_quantized(out, tool_tokens, float_logits, 0.93)
     # GPTQ's 4 bits on the linears, the 6-bit fallback on the experts
-    assert weights["model.layers.0.self_attn.o_proj.weight"].shape[-1] == 256 * 4 // 32
-    assert weights["model.layers.0.feed_forward.experts.down_proj.weight"].shape[-1] == 64 * 6 // 32
+    config = tool_config()
+    attention_width = config["num_attention_heads"] * config["head_dim"]
+    assert weights["model.layers.0.self_attn.o_proj.weight"].shape[-1] == attention_width * 4 // 32
+    assert weights["model.layers.0.feed_forward.experts.down_proj.weight"].shape[-1] == \
+        config["hidden_size"] * 6 // 32
 
 
 def test_dynamic_quant(float_dir, tool_tokens, float_logits, tmp_path, monkeypatch):
