@@ -247,9 +247,8 @@ class Attention(_Fusable):
             k, v = cache.update_and_fetch(k, v)
         attend = getattr(cache, "attend", None)  # the compiled step's, on the CPU
         if attend is not None:
-            out = attend(q, k, v, self.scale, mask)
-        else:
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            return self.o_proj(attend(q, k, v, self.scale, mask))  # heads merged
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(heads_merged(out))
 
     def rotate(self, x: mx.array, offset, cache) -> mx.array:
@@ -738,10 +737,14 @@ class RotaryRows:
 
     def rotate(self, x: mx.array, rope: nn.Module) -> mx.array:
         rope = self.constants.rope_groups[id(rope)]
-        key = (id(rope), x.dtype)
+        key = (id(rope), x.dtype, x.shape)
         if key not in self.rows:
             table = self.constants.rotary_table(x.dtype)
-            self.rows[key] = table.at(rope, self.offset) + (table.swap,)
+            # `swap` broadcast to x's heads once a step: a matmul by a 2-D
+            # matrix would flatten and unflatten x in every layer (two more
+            # nodes to replay); the values are the same (one +-1 a column).
+            swap = mx.broadcast_to(table.swap, x.shape[:-2] + table.swap.shape)
+            self.rows[key] = table.at(rope, self.offset) + (swap,)
         cos, sin, swap = self.rows[key]
         return x * cos + (x @ swap) * sin
 
@@ -807,13 +810,14 @@ def decode_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:
     same matmul, masked precise softmax and matmul as MLX's own fallback,
     without its broadcasts for grouped heads (the query heads of a KV head
     share a row block) and with the scale folded into the masking.
-    q: [B, H, 1, hd], k and v: [B, Hkv, C, hd] -> [B, H, 1, hd]."""
+    q: [B, H, 1, hd], k and v: [B, Hkv, C, hd] -> [B, 1, H * hd], the heads
+    already merged (one reshape, not two)."""
     B, H, _, hd = q.shape
     hkv = k.shape[1]
     scores = q.reshape(B, hkv, H // hkv, hd) @ k.swapaxes(-1, -2)  # [B, Hkv, H/Hkv, C]
     scores = mx.where(mask, scores * scale, -mx.inf)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    return (weights @ v).reshape(B, H, 1, hd)
+    return (weights @ v).reshape(B, 1, H * hd)
 
 
 def decode_mask(offset: mx.array, capacity: int) -> mx.array:
