@@ -475,7 +475,8 @@ class RoutedExperts(nn.Module):
         super().__setitem__(key, value)
 
     def __call__(self, x: mx.array, indices: mx.array, rows=None) -> mx.array:
-        """x: [B, L, D], indices: [B, L, K] -> [B, L, K, D]. `rows`: the two
+        """x: [B, L, D], indices: [B, L, K] -> [B, L, K, 1, D] (the row axis
+        gather_qmm adds is left for combine_experts' sum). `rows`: the two
         projections' lhs indices (ExpertRows), given as constants by the
         compiled decode step instead of built in every step's graph."""
         x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, D]: one row per token
@@ -494,7 +495,7 @@ class RoutedExperts(nn.Module):
         y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort, rows=second)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
-        return y.squeeze(-2)
+        return y
 
 
 class MLP(_Fusable):
@@ -589,8 +590,11 @@ class MoE(nn.Module):
 
 @mx.compile
 def combine_experts(routed: mx.array, weights: mx.array, shared: mx.array) -> mx.array:
-    """Routed outputs [B, L, K, D] weighted [B, L, K] and summed, plus the shared expert's."""
-    return (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2) + shared
+    """Routed outputs [B, L, K, 1, D] weighted [B, L, K] and summed, plus the
+    shared expert's. The size-1 row axis goes in the sum's own squeeze: one
+    view fewer per layer than squeezing it first."""
+    w = mx.expand_dims(weights, (-2, -1)).astype(routed.dtype)
+    return (routed * w).sum(axis=(-3, -2)) + shared
 
 
 class DecoderLayer(nn.Module):
