@@ -848,10 +848,8 @@ class TreeSlots:
     or deleted); any difference means the tree is not the one traced, and
     the step is traced anew (update_modules, nn.quantize, LoRA conversion,
     assigning a module or a list element, fusing). Arrays held under a private
-    key (`_freqs` of a rope: derived from the config, no parameter) are
-    structure only, held by identity and traced as constants: DecodeConstants
-    groups ropes by them, and the step reads one group's table, so passing all
-    20 of S's as inputs only cost MLX 20 more inputs to match a step.
+    key (`_freqs` of a rope: derived from the config, no parameter) count as
+    structure too, since DecodeConstants groups ropes by them.
 
     Assumed, not checked: a module's plain Python attributes (eps, scale,
     group size...) and class do not change in place after it is traced."""
@@ -870,9 +868,9 @@ class TreeSlots:
             for key, value in items:
                 if isinstance(value, mx.array):
                     self.traceable &= not isinstance(container, tuple)
+                    self.array_parents.append(container)
+                    self.array_keys.append(key)
                     if not (isinstance(key, str) and key.startswith("_")):
-                        self.array_parents.append(container)
-                        self.array_keys.append(key)
                         continue
                 self.node_parents.append(container)
                 self.node_keys.append(key)
