@@ -741,14 +741,10 @@ class RotaryRows:
 
     def rotate(self, x: mx.array, rope: nn.Module) -> mx.array:
         rope = self.constants.rope_groups[id(rope)]
-        key = (id(rope), x.dtype, x.shape)
+        key = (id(rope), x.dtype)
         if key not in self.rows:
             table = self.constants.rotary_table(x.dtype)
-            # `swap` broadcast to x's heads once a step: a matmul by a 2-D
-            # matrix would flatten and unflatten x in every layer (two more
-            # nodes to replay); the values are the same (one +-1 a column).
-            swap = mx.broadcast_to(table.swap, x.shape[:-2] + table.swap.shape)
-            self.rows[key] = table.at(rope, self.offset) + (swap,)
+            self.rows[key] = table.at(rope, self.offset) + (table.swap,)
         cos, sin, swap = self.rows[key]
         return x * cos + (x @ swap) * sin
 
