@@ -247,9 +247,8 @@ class Attention(_Fusable):
             k, v = cache.update_and_fetch(k, v)
         attend = getattr(cache, "attend", None)  # the compiled step's, on the CPU
         if attend is not None:
-            out = attend(q, k, v, self.scale, mask)
-        else:
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            return self.o_proj(attend(q, k, v, self.scale, mask))  # heads merged
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(heads_merged(out))
 
     def rotate(self, x: mx.array, offset, cache) -> mx.array:
@@ -476,7 +475,8 @@ class RoutedExperts(nn.Module):
         super().__setitem__(key, value)
 
     def __call__(self, x: mx.array, indices: mx.array, rows=None) -> mx.array:
-        """x: [B, L, D], indices: [B, L, K] -> [B, L, K, D]. `rows`: the two
+        """x: [B, L, D], indices: [B, L, K] -> [B, L, K, 1, D] (the row axis
+        gather_qmm adds is left for combine_experts' sum). `rows`: the two
         projections' lhs indices (ExpertRows), given as constants by the
         compiled decode step instead of built in every step's graph."""
         x = mx.expand_dims(x, (-2, -3))  # [B, L, 1, 1, D]: one row per token
@@ -495,7 +495,7 @@ class RoutedExperts(nn.Module):
         y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort, rows=second)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
-        return y.squeeze(-2)
+        return y
 
 
 class MLP(_Fusable):
@@ -590,8 +590,11 @@ class MoE(nn.Module):
 
 @mx.compile
 def combine_experts(routed: mx.array, weights: mx.array, shared: mx.array) -> mx.array:
-    """Routed outputs [B, L, K, D] weighted [B, L, K] and summed, plus the shared expert's."""
-    return (routed * weights[..., None].astype(routed.dtype)).sum(axis=-2) + shared
+    """Routed outputs [B, L, K, 1, D] weighted [B, L, K] and summed, plus the
+    shared expert's. The size-1 row axis goes in the sum's own squeeze: one
+    view fewer per layer than squeezing it first."""
+    w = mx.expand_dims(weights, (-2, -1)).astype(routed.dtype)
+    return (routed * w).sum(axis=(-3, -2)) + shared
 
 
 class DecoderLayer(nn.Module):
@@ -807,13 +810,14 @@ def decode_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:
     same matmul, masked precise softmax and matmul as MLX's own fallback,
     without its broadcasts for grouped heads (the query heads of a KV head
     share a row block) and with the scale folded into the masking.
-    q: [B, H, 1, hd], k and v: [B, Hkv, C, hd] -> [B, H, 1, hd]."""
+    q: [B, H, 1, hd], k and v: [B, Hkv, C, hd] -> [B, 1, H * hd], the heads
+    already merged (one reshape, not two)."""
     B, H, _, hd = q.shape
     hkv = k.shape[1]
     scores = q.reshape(B, hkv, H // hkv, hd) @ k.swapaxes(-1, -2)  # [B, Hkv, H/Hkv, C]
     scores = mx.where(mask, scores * scale, -mx.inf)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    return (weights @ v).reshape(B, H, 1, hd)
+    return (weights @ v).reshape(B, 1, H * hd)
 
 
 def decode_mask(offset: mx.array, capacity: int) -> mx.array:
