@@ -632,6 +632,112 @@ class DecoderLayer(nn.Module):
         return super().unfreeze(recurse=recurse, keys=keys, strict=strict)
 
 
+class MobileMoEModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, mask=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        if mask is None:
+            mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = MobileMoEModel(args)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """Logits [B, L, vocab] for token ids [B, L].
+
+        A one-token step through mlx-lm's KVCache (every decode step of
+        generate, chat and the server) runs as one compiled function: a step
+        of S is ~2,700 operations that Python would otherwise build one by
+        one, and the compiled graph is replayed from C++ with its elementwise
+        work between matmuls fused. Prefill, other caches (quantized,
+        batched) and a step that must grow the buffers take the plain path."""
+        if self.args.compiled_decode and _static_decode_applies(self, inputs, cache):
+            return compiled_decode_step(self, inputs, cache)
+        return self._logits(self.model(inputs, cache))
+
+    def _logits(self, h: mx.array) -> mx.array:
+        # Tied embeddings: the (possibly quantized) embedding is the output head.
+        return self.model.embed_tokens.as_linear(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    # mlx-lm's own convert/quantize consult these: the router and its bias stay
+    # float32 and unquantized whatever else is cast or quantized.
+    @property
+    def quant_predicate(self):
+        return lambda path, module: not path.endswith("router")
+
+    @property
+    def cast_predicate(self):
+        return lambda key: "router" not in key and "expert_bias" not in key
+
+    def fusable(self):
+        """(module, its parameter prefix) of every projection group that fuses."""
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            yield layer.self_attn, f"{p}.self_attn"
+            yield layer.feed_forward.shared_expert, f"{p}.feed_forward.shared_expert"
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and the shared expert's gate/up of a model quantized in
+        memory (bit-identical; see the module docstring)."""
+        for module, _ in self.fusable():
+            module.fuse_projections()
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Converted directories are already in this module's names; an untied
+        head some exporters add is dropped (the embedding is the head). Then,
+        unless `fuse_projections` is off, quantized q/k/v and shared gate/up
+        tensors are stacked and the module tree set up to take them (mlx-lm's
+        loader calls this before it quantizes and loads the weights).
+
+        Where MLX runs on the CPU, floating weights (quantized layers' scales
+        and biases too) are cast to float32 first, as mobilemoe_mlx.load()
+        does: MLX's CPU kernels run float16 and bfloat16 tens of times slower
+        (docs/mlx-lm.md, "On the CPU", has mlx_lm.generate's figures) and have
+        gather_mm in float32 only. So mlx-lm's tools run a float16 directory at
+        float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
+        saves what it loaded (mlx_lm.convert without --dtype, the quantizers)
+        then saves float32 floats there."""
+        _refuse_unsupported_tools(weights)
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        if self.args.float32_on_cpu and mx.default_device().type == mx.DeviceType.cpu:
+            weights = {k: _as_float32(v) for k, v in weights.items()}
+        if self.args.fuse_projections:
+            for module, prefix in self.fusable():
+                module.fuse_weights(weights, prefix)
+        return weights
+
+
+def _as_float32(a: mx.array) -> mx.array:
+    if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
+        return a.astype(mx.float32)
+    return a
+
+
+# ---------------------------------------------------------------------------
+# mlx-lm tools this model cannot run: each ends in one line, not a traceback.
+# They recognise the calling mlx-lm code (docs/architecture.md section 7).
+# ---------------------------------------------------------------------------
+
+
 def _refuse_dora_on_experts(caller) -> None:
     """mlx-lm has DoRA for linear layers and embeddings only: asked to put it
     on expert layers (its own SwitchLinear or ours), its linear_to_lora_layers
@@ -660,22 +766,250 @@ def _refuse_full_fine_tune_when_packed(caller, layer: nn.Module, everything: boo
             "(mlx_lm.convert -d --trust-remote-code) or use LoRA, which adapts quantized layers")
 
 
-class MobileMoEModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+def _refuse_unsupported_tools(weights: Dict[str, mx.array]) -> None:
+    """Stop, in one line and before they work, mlx-lm's quantizers that cannot
+    quantize these weights: their loaders call `sanitize`, which calls this.
 
-    def __call__(self, inputs: mx.array, cache=None, mask=None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        if mask is None:
-            mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
-        return self.norm(h)
+    mlx_lm.awq knows the architectures its own table names (which norm feeds
+    which projections, to fold its scales into) and has none for MobileMoE;
+    its scaling and clipping also assume weights laid out [..., out, in],
+    while the routed experts are stored [E, in, out]. mlx_lm.gptq and
+    mlx_lm.dynamic_quant quantize float layers only: on a quantized directory
+    gptq writes the input back unchanged and dynamic_quant fails with a
+    traceback."""
+    tool = _calling_quantizer()
+    if tool == "awq":
+        raise SystemExit(
+            "error: mlx_lm.awq has no MobileMoE configuration (it folds scales by "
+            "per-architecture tables, and its routed experts are stored [E, in, out]); "
+            "quantize with mlx_lm.convert -q, mlx_lm.gptq, mlx_lm.dynamic_quant or "
+            "mlx_lm.dwq instead")
+    if tool in ("gptq", "dynamic_quant") and any(k.endswith(".scales") for k in weights):
+        raise SystemExit(
+            f"error: mlx_lm.{tool} quantizes float weights, and this directory is "
+            "quantized already; give it one converted with `python convert.py SOURCE "
+            "--out DIR --no-quantize`")
+
+
+def _calling_quantizer() -> Optional[str]:
+    """The mlx_lm.quant module (awq, gptq, ...) whose code is loading this model, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.parent.name == "quant" and path.parent.parent.name == "mlx_lm":
+            return path.stem
+        frame = frame.f_back
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The compiled decode step: a fast path a reader can skip. Every one-token
+# step through mlx-lm's KVCache runs as one mx.compile'd function with the
+# weights as its inputs; the plain path above gives the same logits
+# (tests/test_compiled_decode.py, tests/test_decode_staleness.py).
+# ---------------------------------------------------------------------------
+
+
+def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
+    """One token per sequence, through plain KVCaches with room for it (the
+    compiled step neither allocates nor grows buffers: KVCache does that on the
+    plain path, once every 256 tokens). Which layers run: DecodeStep."""
+    if cache is None or inputs.ndim != 2 or inputs.shape[1] != 1:
+        return False
+    first = cache[0]
+    return all(
+        type(c) is KVCache and c.keys is not None and c.offset == first.offset
+        and c.offset < c.keys.shape[2] for c in cache)
+
+
+def compiled_decode_step(model: Model, inputs: mx.array, cache) -> mx.array:
+    """`model`'s logits for one token per sequence, as one compiled function
+    (Model.__call__ decides when it applies; DecodeStep is the function)."""
+    # Never stale: the weights are the compiled function's inputs, read
+    # from the tree's slots at every step, and the trace is kept only
+    # while the tree's structure is the traced one (TreeSlots says what
+    # that checks and what it assumes). What that costs a step, measured:
+    # docs/benchmarks.md, "The decode step".
+    step = getattr(model, "_decode_step", None)
+    weights = None if step is None else step.slots.arrays()
+    if weights is None:
+        step = model._decode_step = DecodeStep(model)
+        weights = step.slots.arrays()
+    if not step.applies:
+        return model._logits(model.model(inputs, cache))
+    offset = mx.array(cache[0].offset, dtype=mx.int32)
+    logits, buffers, chosen = step(
+        weights, inputs, offset, [(c.keys, c.values) for c in cache],
+        step.constants.expert_rows(inputs.shape[0]))
+    for c, (keys, values) in zip(cache, buffers):
+        c.keys, c.values = keys, values
+        c.offset += 1
+    for moe, indices in zip(step.moes, chosen):  # the tree's own, while it holds
+        moe.report(indices)
+    return logits
+
+
+class DecodeStep:
+    """The compiled decode step of one structure of `model`'s module tree
+    (see TreeSlots): its slots, its made-once arrays and the compiled function.
+    It runs only on the model's own layers and MoE blocks: one wrapped to
+    watch or change what passes (bench parity's taps, bench profile's timers)
+    must be called at every step, not traced once."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.slots = TreeSlots(model)
+        self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
+        self.applies = self.slots.traceable and all(
+            type(layer) is DecoderLayer and type(moe) is MoE
+            for layer, moe in zip(model.layers, self.moes))
+        if self.applies:
+            self.constants = DecodeConstants(model)
+            self.compiled = mx.compile(self.trace)
+        self.weights: List[mx.array] = []
+
+    def __call__(self, weights, inputs, offset, buffers, rows):
+        self.weights = weights  # what `trace` puts back
+        try:
+            return self.compiled(weights, inputs, offset, buffers, rows)
+        finally:
+            self.weights = []
+
+    def trace(self, weights, inputs, offset, buffers, rows):
+        """Runs only when mx.compile traces: the weights' tracers stand in the
+        tree's slots while the model runs, then the very arrays (the same
+        Python objects) are put back."""
+        self.slots.put(weights)
+        try:
+            return self.forward(inputs, offset, buffers, rows)
+        finally:
+            self.slots.put(self.weights)
+
+    def forward(self, inputs, offset, buffers, rows):
+        """The model's one-token forward over whole KV buffers, as traced."""
+        model = self.model
+        rotary = self.constants.rotary_rows(offset)
+        caches = [StaticKV(k, v, offset, rotary, rows) for k, v in buffers]
+        mask = decode_mask(offset, buffers[0][0].shape[2])
+        h, chosen = model.model.embed_tokens(inputs), []
+        for layer, c in zip(model.layers, caches):
+            h, indices = layer.forward(h, mask, c)
+            chosen.append(indices)
+        logits = model._logits(model.model.norm(h))
+        return logits, [(c.keys, c.values) for c in caches], chosen
+
+
+class TreeSlots:
+    """Where every array of a module tree sits, and what else the tree holds.
+
+    The compiled decode step's weights are its inputs, read from these slots
+    (container, key) at every step (`arrays`): whatever replaced an array in
+    its slot (update, load_weights, apply, set_dtype, an optimizer step, an
+    attribute assignment) or rewrote it in place (item assignment, which
+    swaps the array's data under the same Python object) is what the step
+    computes with. The trace itself depends on the rest of the tree: which
+    modules, lists and dicts sit where, and (through `mx.compile`'s own
+    cache) the arrays' shapes and dtypes. So every non-array slot's object is
+    held and compared by identity, with every container's length (a key added
+    or deleted); any difference means the tree is not the one traced, and
+    the step is traced anew (update_modules, nn.quantize, LoRA conversion,
+    assigning a module or a list element, fusing). Arrays held under a private
+    key (`_freqs` of a rope: derived from the config, no parameter) count as
+    structure too, since DecodeConstants groups ropes by them.
+
+    Assumed, not checked: a module's plain Python attributes (eps, scale,
+    group size...) and class do not change in place after it is traced."""
+
+    def __init__(self, root: nn.Module):
+        self.containers: List[Any] = []
+        self.node_parents, self.node_keys, self.nodes = [], [], []
+        self.array_parents, self.array_keys = [], []
+        self.traceable = True  # False when an array sits in a tuple (no slot to trace)
+        seen = set()
+
+        def visit(container):
+            seen.add(id(container))
+            self.containers.append(container)
+            items = container.items() if isinstance(container, dict) else enumerate(container)
+            for key, value in items:
+                if isinstance(value, mx.array):
+                    self.traceable &= not isinstance(container, tuple)
+                    self.array_parents.append(container)
+                    self.array_keys.append(key)
+                    if not (isinstance(key, str) and key.startswith("_")):
+                        continue
+                self.node_parents.append(container)
+                self.node_keys.append(key)
+                self.nodes.append(value)
+                if isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+                    visit(value)
+
+        visit(root)
+        self.sizes = list(map(len, self.containers))
+        self.array_type = [mx.array] * len(self.array_keys)
+
+    def arrays(self) -> Optional[List[mx.array]]:
+        """The arrays in the slots now, or None if the tree changed shape."""
+        try:
+            if not all(map(operator.is_, map(operator.getitem, self.node_parents,
+                                             self.node_keys), self.nodes)):
+                return None
+            arrays = list(map(operator.getitem, self.array_parents, self.array_keys))
+        except (KeyError, IndexError):
+            return None
+        if list(map(len, self.containers)) != self.sizes:
+            return None
+        if list(map(type, arrays)) != self.array_type:
+            return None
+        return arrays
+
+    def put(self, arrays: List[mx.array]) -> None:
+        for container, key, a in zip(self.array_parents, self.array_keys, arrays):
+            container[key] = a
+
+
+class DecodeConstants:
+    """What the compiled decode step of `model` takes as made-once arrays
+    rather than building them in every step's graph. They derive from the
+    config and the module tree's structure, never from the weights' values."""
+
+    def __init__(self, model: "Model"):
+        self.top_k = model.args.num_experts_per_tok
+        self._rows: Dict[int, Tuple[mx.array, mx.array]] = {}
+        self._tables: Dict[mx.Dtype, RotaryTable] = {}
+        self.head_dim = model.layers[0].self_attn.head_dim
+        self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
+        # Each layer's rope module -> the first one alike (RotaryRows).
+        self.rope_groups: Dict[int, nn.Module] = {}
+        firsts: List[nn.Module] = []
+        for layer in model.layers if self.on_cpu else ():
+            rope = layer.self_attn.rope
+            first = next((f for f in firsts if _rope_alike(f, rope)), None)
+            if first is None:
+                firsts.append(rope)
+            self.rope_groups[id(rope)] = first or rope
+
+    def rotary_table(self, dtype: mx.Dtype) -> "RotaryTable":
+        if dtype not in self._tables:
+            self._tables[dtype] = RotaryTable(self.head_dim, dtype)
+        return self._tables[dtype]
+
+    def rotary_rows(self, offset: mx.array) -> Optional["RotaryRows"]:
+        return RotaryRows(self, offset) if self.on_cpu else None
+
+    def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
+        """The lhs indices gather_qmm builds itself (an arange, reshaped and
+        broadcast, in every layer of every step) for one-token steps: each
+        (token, expert) pair's token row for the first projection, the pair's
+        own row for the second."""
+        if batch not in self._rows:
+            k = self.top_k
+            token = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None],
+                                    (batch, 1, k))
+            pair = mx.arange(batch * k, dtype=mx.uint32).reshape(batch, 1, k)
+            self._rows[batch] = (mx.contiguous(token), pair)
+            mx.eval(self._rows[batch])
+        return self._rows[batch]
 
 
 class StaticKV:
@@ -760,50 +1094,6 @@ def _rope_alike(a: nn.Module, b: nn.Module) -> bool:
                     for k in a))
 
 
-class DecodeConstants:
-    """What the compiled decode step of `model` takes as made-once arrays
-    rather than building them in every step's graph. They derive from the
-    config and the module tree's structure, never from the weights' values."""
-
-    def __init__(self, model: "Model"):
-        self.top_k = model.args.num_experts_per_tok
-        self._rows: Dict[int, Tuple[mx.array, mx.array]] = {}
-        self._tables: Dict[mx.Dtype, RotaryTable] = {}
-        self.head_dim = model.layers[0].self_attn.head_dim
-        self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
-        # Each layer's rope module -> the first one alike (RotaryRows).
-        self.rope_groups: Dict[int, nn.Module] = {}
-        firsts: List[nn.Module] = []
-        for layer in model.layers if self.on_cpu else ():
-            rope = layer.self_attn.rope
-            first = next((f for f in firsts if _rope_alike(f, rope)), None)
-            if first is None:
-                firsts.append(rope)
-            self.rope_groups[id(rope)] = first or rope
-
-    def rotary_table(self, dtype: mx.Dtype) -> "RotaryTable":
-        if dtype not in self._tables:
-            self._tables[dtype] = RotaryTable(self.head_dim, dtype)
-        return self._tables[dtype]
-
-    def rotary_rows(self, offset: mx.array) -> Optional[RotaryRows]:
-        return RotaryRows(self, offset) if self.on_cpu else None
-
-    def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
-        """The lhs indices gather_qmm builds itself (an arange, reshaped and
-        broadcast, in every layer of every step) for one-token steps: each
-        (token, expert) pair's token row for the first projection, the pair's
-        own row for the second."""
-        if batch not in self._rows:
-            k = self.top_k
-            token = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None],
-                                    (batch, 1, k))
-            pair = mx.arange(batch * k, dtype=mx.uint32).reshape(batch, 1, k)
-            self._rows[batch] = (mx.contiguous(token), pair)
-            mx.eval(self._rows[batch])
-        return self._rows[batch]
-
-
 def decode_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:
     """One query per head over whole KV buffers, for the compiled step on the
     CPU, where fast.scaled_dot_product_attention is no kernel either: the
@@ -827,279 +1117,3 @@ def decode_mask(offset: mx.array, capacity: int) -> mx.array:
     buffers gives the values of reading the filled part (the unfilled part
     holds zeros or trimmed tokens: finite either way)."""
     return mx.arange(capacity) <= offset
-
-
-class TreeSlots:
-    """Where every array of a module tree sits, and what else the tree holds.
-
-    The compiled decode step's weights are its inputs, read from these slots
-    (container, key) at every step (`arrays`): whatever replaced an array in
-    its slot (update, load_weights, apply, set_dtype, an optimizer step, an
-    attribute assignment) or rewrote it in place (item assignment, which
-    swaps the array's data under the same Python object) is what the step
-    computes with. The trace itself depends on the rest of the tree: which
-    modules, lists and dicts sit where, and (through `mx.compile`'s own
-    cache) the arrays' shapes and dtypes. So every non-array slot's object is
-    held and compared by identity, with every container's length (a key added
-    or deleted); any difference means the tree is not the one traced, and
-    the step is traced anew (update_modules, nn.quantize, LoRA conversion,
-    assigning a module or a list element, fusing). Arrays held under a private
-    key (`_freqs` of a rope: derived from the config, no parameter) count as
-    structure too, since DecodeConstants groups ropes by them.
-
-    Assumed, not checked: a module's plain Python attributes (eps, scale,
-    group size...) and class do not change in place after it is traced."""
-
-    def __init__(self, root: nn.Module):
-        self.containers: List[Any] = []
-        self.node_parents, self.node_keys, self.nodes = [], [], []
-        self.array_parents, self.array_keys = [], []
-        self.traceable = True  # False when an array sits in a tuple (no slot to trace)
-        seen = set()
-
-        def visit(container):
-            seen.add(id(container))
-            self.containers.append(container)
-            items = container.items() if isinstance(container, dict) else enumerate(container)
-            for key, value in items:
-                if isinstance(value, mx.array):
-                    self.traceable &= not isinstance(container, tuple)
-                    self.array_parents.append(container)
-                    self.array_keys.append(key)
-                    if not (isinstance(key, str) and key.startswith("_")):
-                        continue
-                self.node_parents.append(container)
-                self.node_keys.append(key)
-                self.nodes.append(value)
-                if isinstance(value, (dict, list, tuple)) and id(value) not in seen:
-                    visit(value)
-
-        visit(root)
-        self.sizes = list(map(len, self.containers))
-        self.array_type = [mx.array] * len(self.array_keys)
-
-    def arrays(self) -> Optional[List[mx.array]]:
-        """The arrays in the slots now, or None if the tree changed shape."""
-        try:
-            if not all(map(operator.is_, map(operator.getitem, self.node_parents,
-                                             self.node_keys), self.nodes)):
-                return None
-            arrays = list(map(operator.getitem, self.array_parents, self.array_keys))
-        except (KeyError, IndexError):
-            return None
-        if list(map(len, self.containers)) != self.sizes:
-            return None
-        if list(map(type, arrays)) != self.array_type:
-            return None
-        return arrays
-
-    def put(self, arrays: List[mx.array]) -> None:
-        for container, key, a in zip(self.array_parents, self.array_keys, arrays):
-            container[key] = a
-
-
-class DecodeStep:
-    """The compiled decode step of one structure of `model`'s module tree
-    (see TreeSlots): its slots, its made-once arrays and the compiled function.
-    It runs only on the model's own layers and MoE blocks: one wrapped to
-    watch or change what passes (bench parity's taps, bench profile's timers)
-    must be called at every step, not traced once."""
-
-    def __init__(self, model: "Model"):
-        self.model = model
-        self.slots = TreeSlots(model)
-        self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
-        self.applies = self.slots.traceable and all(
-            type(layer) is DecoderLayer and type(moe) is MoE
-            for layer, moe in zip(model.layers, self.moes))
-        if self.applies:
-            self.constants = DecodeConstants(model)
-            self.compiled = mx.compile(self.trace)
-        self.weights: List[mx.array] = []
-
-    def __call__(self, weights, inputs, offset, buffers, rows):
-        self.weights = weights  # what `trace` puts back
-        try:
-            return self.compiled(weights, inputs, offset, buffers, rows)
-        finally:
-            self.weights = []
-
-    def trace(self, weights, inputs, offset, buffers, rows):
-        """Runs only when mx.compile traces: the weights' tracers stand in the
-        tree's slots while the model runs, then the very arrays (the same
-        Python objects) are put back."""
-        self.slots.put(weights)
-        try:
-            return self.model._static_decode(self.constants, inputs, offset, buffers, rows)
-        finally:
-            self.slots.put(self.weights)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = MobileMoEModel(args)
-
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        """Logits [B, L, vocab] for token ids [B, L].
-
-        A one-token step through mlx-lm's KVCache (every decode step of
-        generate, chat and the server) runs as one compiled function: a step
-        of S is ~2,700 operations that Python would otherwise build one by
-        one, and the compiled graph is replayed from C++ with its elementwise
-        work between matmuls fused. Prefill, other caches (quantized,
-        batched) and a step that must grow the buffers take the plain path."""
-        if self.args.compiled_decode and _static_decode_applies(self, inputs, cache):
-            return self._compiled_decode_step(inputs, cache)
-        return self._logits(self.model(inputs, cache))
-
-    def _logits(self, h: mx.array) -> mx.array:
-        # Tied embeddings: the (possibly quantized) embedding is the output head.
-        return self.model.embed_tokens.as_linear(h)
-
-    def _compiled_decode_step(self, inputs: mx.array, cache) -> mx.array:
-        # Never stale: the weights are the compiled function's inputs, read
-        # from the tree's slots at every step, and the trace is kept only
-        # while the tree's structure is the traced one (TreeSlots says what
-        # that checks and what it assumes). At S (464 arrays, 305 modules and
-        # lists, MLX's CPU) the read and check take ~45 us of host time a step
-        # with warm caches, ~200 us in mlx-lm's pipelined loop (cold caches);
-        # with MLX matching 464 inputs instead of mapping as many constants,
-        # the step built 0.33 ms slower than with the weights as constants
-        # (docs/benchmarks.md, "The decode step").
-        step = getattr(self, "_decode_step", None)
-        weights = None if step is None else step.slots.arrays()
-        if weights is None:
-            step = self._decode_step = DecodeStep(self)
-            weights = step.slots.arrays()
-        if not step.applies:
-            return self._logits(self.model(inputs, cache))
-        offset = mx.array(cache[0].offset, dtype=mx.int32)
-        logits, buffers, chosen = step(
-            weights, inputs, offset, [(c.keys, c.values) for c in cache],
-            step.constants.expert_rows(inputs.shape[0]))
-        for c, (keys, values) in zip(cache, buffers):
-            c.keys, c.values = keys, values
-            c.offset += 1
-        for moe, indices in zip(step.moes, chosen):  # the tree's own, while it holds
-            moe.report(indices)
-        return logits
-
-    def _static_decode(self, constants: DecodeConstants, inputs, offset, buffers, rows):
-        rotary = constants.rotary_rows(offset)
-        caches = [StaticKV(k, v, offset, rotary, rows) for k, v in buffers]
-        mask = decode_mask(offset, buffers[0][0].shape[2])
-        h, chosen = self.model.embed_tokens(inputs), []
-        for layer, c in zip(self.layers, caches):
-            h, indices = layer.forward(h, mask, c)
-            chosen.append(indices)
-        logits = self._logits(self.model.norm(h))
-        return logits, [(c.keys, c.values) for c in caches], chosen
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    # mlx-lm's own convert/quantize consult these: the router and its bias stay
-    # float32 and unquantized whatever else is cast or quantized.
-    @property
-    def quant_predicate(self):
-        return lambda path, module: not path.endswith("router")
-
-    @property
-    def cast_predicate(self):
-        return lambda key: "router" not in key and "expert_bias" not in key
-
-    def fusable(self):
-        """(module, its parameter prefix) of every projection group that fuses."""
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}"
-            yield layer.self_attn, f"{p}.self_attn"
-            yield layer.feed_forward.shared_expert, f"{p}.feed_forward.shared_expert"
-
-    def fuse_projections(self) -> None:
-        """Stack q/k/v and the shared expert's gate/up of a model quantized in
-        memory (bit-identical; see the module docstring)."""
-        for module, _ in self.fusable():
-            module.fuse_projections()
-
-    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Converted directories are already in this module's names; an untied
-        head some exporters add is dropped (the embedding is the head). Then,
-        unless `fuse_projections` is off, quantized q/k/v and shared gate/up
-        tensors are stacked and the module tree set up to take them (mlx-lm's
-        loader calls this before it quantizes and loads the weights).
-
-        Where MLX runs on the CPU, floating weights (quantized layers' scales
-        and biases too) are cast to float32 first, as mobilemoe_mlx.load()
-        does: MLX's CPU kernels run float16 and bfloat16 tens of times slower
-        (docs/mlx-lm.md, "On the CPU", has mlx_lm.generate's figures) and have
-        gather_mm in float32 only. So mlx-lm's tools run a float16 directory at
-        float32 speed on the CPU; on a GPU the stored dtypes stay. A tool that
-        saves what it loaded (mlx_lm.convert without --dtype, the quantizers)
-        then saves float32 floats there."""
-        _refuse_unsupported_tools(weights)
-        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        if self.args.float32_on_cpu and mx.default_device().type == mx.DeviceType.cpu:
-            weights = {k: _as_float32(v) for k, v in weights.items()}
-        if self.args.fuse_projections:
-            for module, prefix in self.fusable():
-                module.fuse_weights(weights, prefix)
-        return weights
-
-
-
-def _refuse_unsupported_tools(weights: Dict[str, mx.array]) -> None:
-    """Stop, in one line and before they work, mlx-lm's quantizers that cannot
-    quantize these weights: their loaders call `sanitize`, which calls this.
-
-    mlx_lm.awq knows the architectures its own table names (which norm feeds
-    which projections, to fold its scales into) and has none for MobileMoE;
-    its scaling and clipping also assume weights laid out [..., out, in],
-    while the routed experts are stored [E, in, out]. mlx_lm.gptq and
-    mlx_lm.dynamic_quant quantize float layers only: on a quantized directory
-    gptq writes the input back unchanged and dynamic_quant fails with a
-    traceback."""
-    tool = _calling_quantizer()
-    if tool == "awq":
-        raise SystemExit(
-            "error: mlx_lm.awq has no MobileMoE configuration (it folds scales by "
-            "per-architecture tables, and its routed experts are stored [E, in, out]); "
-            "quantize with mlx_lm.convert -q, mlx_lm.gptq, mlx_lm.dynamic_quant or "
-            "mlx_lm.dwq instead")
-    if tool in ("gptq", "dynamic_quant") and any(k.endswith(".scales") for k in weights):
-        raise SystemExit(
-            f"error: mlx_lm.{tool} quantizes float weights, and this directory is "
-            "quantized already; give it one converted with `python convert.py SOURCE "
-            "--out DIR --no-quantize`")
-
-
-def _calling_quantizer() -> Optional[str]:
-    """The mlx_lm.quant module (awq, gptq, ...) whose code is loading this model, if any."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        path = Path(frame.f_code.co_filename)
-        if path.parent.name == "quant" and path.parent.parent.name == "mlx_lm":
-            return path.stem
-        frame = frame.f_back
-    return None
-
-
-def _as_float32(a: mx.array) -> mx.array:
-    if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
-        return a.astype(mx.float32)
-    return a
-
-
-def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
-    """One token per sequence, through plain KVCaches with room for it (the
-    compiled step neither allocates nor grows buffers: KVCache does that on the
-    plain path, once every 256 tokens). Which layers run: DecodeStep."""
-    if cache is None or inputs.ndim != 2 or inputs.shape[1] != 1:
-        return False
-    first = cache[0]
-    return all(
-        type(c) is KVCache and c.keys is not None and c.offset == first.offset
-        and c.offset < c.keys.shape[2] for c in cache)
