@@ -10,6 +10,13 @@ This file must stay self-contained (it imports only mlx and mlx-lm): the
 converter copies it next to the weights as the config's ``model_file``, which
 is how ``mlx_lm.generate --trust-remote-code`` finds the architecture.
 
+It reads top to bottom as mlx-lm's model files do: ModelArgs, the modules
+(attention, the expert layers, the MoE block, the decoder layer), then Model
+with ``sanitize``, ``quant_predicate`` and ``cast_predicate``. Two marked
+sections follow that a reader of the model can skip: the one-line refusals of
+mlx-lm tools this model cannot run, and the compiled decode step (the fast
+path every one-token step takes; docs/benchmarks.md, "The decode step").
+
 Fewer kernels per token: a decode step of a small model is bound by how many
 kernels it launches and how long the host takes to build it, not by
 arithmetic. So at load time (`sanitize`, or `Model.fuse_projections()` on a model
