@@ -88,8 +88,10 @@ def check_kv_bits(source: str, revision: Optional[str], kv_bits: Optional[int]) 
     folder = _files_on_this_machine(source, revision)
     if folder is None:
         return
+    from ..checkpoints.reading import read_config
+
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_config(folder / "config.json")
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     except Exception:  # noqa: BLE001 - no such file, or a damaged one: the load says what is wrong
         return
