@@ -35,6 +35,7 @@ import math
 import operator
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -830,10 +831,10 @@ def _static_decode_applies(model: Model, inputs: mx.array, cache) -> bool:
 
 
 def compiled_decode_step(model: Model, inputs: mx.array, cache) -> mx.array:
-    """`model`'s logits for one token per sequence, as one compiled function
-    (Model.__call__ decides when it applies; DecodeStep is the function)."""
-    # Never stale: the weights are the compiled function's inputs, read
-    # from the tree's slots at every step, and the trace is kept only
+    """`model`'s logits for one token per sequence, as compiled functions
+    (Model.__call__ decides when it applies; DecodeStep runs them)."""
+    # Never stale: the weights are the compiled functions' inputs, read
+    # from the tree's slots at every step, and the traces are kept only
     # while the tree's structure is the traced one (TreeSlots says what
     # that checks and what it assumes). What that costs a step, measured:
     # docs/benchmarks.md, "The decode step".
@@ -844,21 +845,24 @@ def compiled_decode_step(model: Model, inputs: mx.array, cache) -> mx.array:
         weights = step.slots.arrays()
     if not step.applies:
         return model._logits(model.model(inputs, cache))
-    offset = mx.array(cache[0].offset, dtype=mx.int32)
-    logits, buffers, chosen = step(
-        weights, inputs, offset, [(c.keys, c.values) for c in cache],
-        step.constants.expert_rows(inputs.shape[0]))
-    for c, (keys, values) in zip(cache, buffers):
-        c.keys, c.values = keys, values
-        c.offset += 1
-    for moe, indices in zip(step.moes, chosen):  # the tree's own, while it holds
-        moe.report(indices)
-    return logits
+    return step(weights, inputs, cache)
 
 
 class DecodeStep:
     """The compiled decode step of one structure of `model`'s module tree
-    (see TreeSlots): its slots, its made-once arrays and the compiled function.
+    (see TreeSlots): its slots, its made-once arrays and three kinds of
+    compiled function: the embedding with the step's shared rows (`embed`),
+    one layer (`layer_steps`, one per kind of layer) and the head (`head`).
+
+    Why a function per layer, not one for the whole step: MLX replays a
+    compiled function by walking its traced graph, an entry per operation
+    and per input, and building each array anew. A whole step of S is ~1,700
+    entries walked once, with the host's caches cold (in the pipelined loop
+    the device's work runs between two builds); a layer is ~80, walked for
+    each of 20 layers and warm after the first. Layers share a function when
+    they are alike (`layer_signature`): one trace then serves them all, each
+    call passing that layer's own arrays.
+
     It runs only on the model's own layers and MoE blocks: one wrapped to
     watch or change what passes (bench parity's taps, bench profile's timers)
     must be called at every step, not traced once."""
@@ -867,43 +871,102 @@ class DecodeStep:
         self.model = model
         self.slots = TreeSlots(model)
         self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
-        self.applies = self.slots.traceable and all(
+        self.spans = self.slots.spans(model, model.layers)
+        self.applies = self.slots.traceable and self.spans is not None and all(
             type(layer) is DecoderLayer and type(moe) is MoE
             for layer, moe in zip(model.layers, self.moes))
-        if self.applies:
-            self.constants = DecodeConstants(model)
-            self.compiled = mx.compile(self.trace)
-        self.weights: List[mx.array] = []
+        if not self.applies:
+            return
+        self.constants = DecodeConstants(model)
+        in_layers = {i for start, end in self.spans for i in range(start, end)}
+        self.outside = [i for i in range(len(self.slots.array_keys)) if i not in in_layers]
+        self.embed = mx.compile(self.trace_embed)
+        self.head = mx.compile(self.trace_head)
+        signatures: List[list] = []
+        self.layer_steps: List[Any] = []  # one per kind of layer
+        steps = []
+        for i, layer in enumerate(model.layers):
+            signature = layer_signature(layer)
+            if signature not in signatures:  # traced on this layer, the first of its kind
+                signatures.append(signature)
+                self.layer_steps.append(mx.compile(partial(self.trace_layer, i)))
+            steps.append(self.layer_steps[signatures.index(signature)])
+        self.steps = list(zip(self.spans, steps, self.constants.rope_index, self.moes))
 
-    def __call__(self, weights, inputs, offset, buffers, rows):
-        self.weights = weights  # what `trace` puts back
-        try:
-            return self.compiled(weights, inputs, offset, buffers, rows)
-        finally:
-            self.weights = []
+    def __call__(self, weights: List[mx.array], inputs: mx.array, cache) -> mx.array:
+        offset = mx.array(cache[0].offset, dtype=mx.int32)
+        outside = [weights[i] for i in self.outside]
+        h, mask, rows = self.embed(outside, inputs, offset, cache[0].keys.shape[2])
+        expert_rows = self.constants.expert_rows(inputs.shape[0])
+        for c, ((start, end), step, rope, moe) in zip(cache, self.steps):
+            # The buffers first: mx.compile matches a call to a trace input by
+            # input, so a trace for another buffer size is told apart at once.
+            h, c.keys, c.values, chosen = step(
+                c.keys, c.values, weights[start:end], h, offset, mask,
+                rows[rope] if rows else (), expert_rows)
+            c.offset += 1
+            moe.report(chosen)  # the tree's own, while it holds
+        return self.head(outside, h)
 
-    def trace(self, weights, inputs, offset, buffers, rows):
-        """Runs only when mx.compile traces: the weights' tracers stand in the
-        tree's slots while the model runs, then the very arrays (the same
-        Python objects) are put back."""
-        self.slots.put(weights)
-        try:
-            return self.forward(inputs, offset, buffers, rows)
-        finally:
-            self.slots.put(self.weights)
+    def trace_embed(self, outside, inputs, offset, capacity: int):
+        """The step's hidden state, mask and RoPE rows (traced once; see
+        `trace_layer` for the placeholders)."""
+        with self.slots.holding(self.outside, outside):
+            h = self.model.model.embed_tokens(inputs)
+            return h, decode_mask(offset, capacity), self.constants.rotary_rows(offset, h.dtype)
 
-    def forward(self, inputs, offset, buffers, rows):
-        """The model's one-token forward over whole KV buffers, as traced."""
-        model = self.model
-        rotary = self.constants.rotary_rows(offset)
-        caches = [StaticKV(k, v, offset, rotary, rows) for k, v in buffers]
-        mask = decode_mask(offset, buffers[0][0].shape[2])
-        h, chosen = model.model.embed_tokens(inputs), []
-        for layer, c in zip(model.layers, caches):
-            h, indices = layer.forward(h, mask, c)
-            chosen.append(indices)
-        logits = model._logits(model.model.norm(h))
-        return logits, [(c.keys, c.values) for c in caches], chosen
+    def trace_layer(self, i, keys, values, weights, h, offset, mask, rows, expert_rows):
+        """Layer i's one-token forward over whole KV buffers, as traced: the
+        weights' placeholders stand in the layer's slots while it runs, then
+        the very arrays (the same Python objects) are put back."""
+        start, end = self.spans[i]
+        with self.slots.holding(range(start, end), weights):
+            rotary = RotaryRows(self.constants, offset, rows) if self.constants.on_cpu else None
+            c = StaticKV(keys, values, offset, rotary, expert_rows)
+            h, chosen = self.model.layers[i].forward(h, mask, c)
+            return h, c.keys, c.values, chosen
+
+    def trace_head(self, outside, h):
+        with self.slots.holding(self.outside, outside):
+            return self.model._logits(self.model.model.norm(h))
+
+
+def layer_signature(layer: nn.Module) -> list:
+    """What a layer's trace depends on besides its arrays (which are inputs,
+    and whose shapes and dtypes mx.compile keys its traces by): the class,
+    keys and plain attributes of every module and container in it, in order.
+    Two layers with equal signatures compute alike from their own arrays."""
+    out: list = []
+
+    def visit(c):
+        keys = tuple(c.keys()) if isinstance(c, dict) else len(c)
+        attrs = None
+        if isinstance(c, nn.Module):
+            # MoE's observers are called after a step runs, never traced.
+            attrs = _plain({k: v for k, v in vars(c).items() if k != "_observers"})
+        out.append((type(c), keys, attrs))
+        for key, value in (c.items() if isinstance(c, dict) else enumerate(c)):
+            if isinstance(value, (dict, list, tuple)):
+                visit(value)
+            elif not isinstance(value, mx.array):
+                out.append((key, _plain(value)))
+
+    visit(layer)
+    return out
+
+
+def _plain(value):
+    """`value` as something == compares by content where it is plain data
+    (numbers, strings, containers of them), else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value), value)
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(map(_plain, value)))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(map(_plain, value)))
+    if isinstance(value, dict):
+        return (dict, tuple((_plain(k), _plain(v)) for k, v in value.items()))
+    return ("object", id(value))
 
 
 class TreeSlots:
@@ -970,9 +1033,52 @@ class TreeSlots:
             return None
         return arrays
 
-    def put(self, arrays: List[mx.array]) -> None:
-        for container, key, a in zip(self.array_parents, self.array_keys, arrays):
-            container[key] = a
+    def spans(self, root: nn.Module, parts: List[nn.Module]) -> Optional[List[Tuple[int, int]]]:
+        """Each of `parts` (subtrees of `root`) as the range of slots that
+        holds its arrays, or None where a part shares a module or container
+        with another part or with the rest of the tree (its arrays would not
+        be its own range)."""
+        reach = [_containers(part) for part in parts]
+        rest = _containers(root, skip={id(part) for part in parts})
+        if sum(map(len, reach)) + len(rest) != len(rest.union(*reach)):
+            return None
+        spans = []
+        for ids in reach:
+            mine = [i for i, c in enumerate(self.array_parents) if id(c) in ids]
+            if mine and mine[-1] + 1 - mine[0] != len(mine):
+                return None
+            spans.append((mine[0], mine[-1] + 1) if mine else (0, 0))
+        return spans
+
+    @contextmanager
+    def holding(self, indices, arrays: List[mx.array]):
+        """The tree with `arrays` in the slots `indices` (a trace's
+        placeholders), and the arrays it held put back after."""
+        indices = list(indices)
+        own = [self.array_parents[i][self.array_keys[i]] for i in indices]
+        self.put(indices, arrays)
+        try:
+            yield
+        finally:
+            self.put(indices, own)
+
+    def put(self, indices, arrays: List[mx.array]) -> None:
+        for i, a in zip(indices, arrays):
+            self.array_parents[i][self.array_keys[i]] = a
+
+
+def _containers(root, skip=frozenset()) -> set:
+    """The ids of the dicts (modules), lists and tuples reachable from
+    `root`, not through those in `skip`."""
+    seen, stack = set(), [root]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen or id(c) in skip:
+            continue
+        seen.add(id(c))
+        stack.extend(v for v in (c.values() if isinstance(c, dict) else c)
+                     if isinstance(v, (dict, list, tuple)))
+    return seen
 
 
 class DecodeConstants:
@@ -986,23 +1092,29 @@ class DecodeConstants:
         self._tables: Dict[mx.Dtype, RotaryTable] = {}
         self.head_dim = model.layers[0].self_attn.head_dim
         self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
-        # Each layer's rope module -> the first one alike (RotaryRows).
-        self.rope_groups: Dict[int, nn.Module] = {}
-        firsts: List[nn.Module] = []
-        for layer in model.layers if self.on_cpu else ():
+        # The ropes that rotate alike, as groups: the first of each group,
+        # and each layer's group (all layers share one in MobileMoE).
+        self.ropes: List[nn.Module] = []
+        self.rope_index: List[int] = []
+        for layer in model.layers:
+            if not self.on_cpu:
+                self.rope_index.append(0)
+                continue
             rope = layer.self_attn.rope
-            first = next((f for f in firsts if _rope_alike(f, rope)), None)
-            if first is None:
-                firsts.append(rope)
-            self.rope_groups[id(rope)] = first or rope
+            j = next((j for j, f in enumerate(self.ropes) if _rope_alike(f, rope)), None)
+            if j is None:
+                j = len(self.ropes)
+                self.ropes.append(rope)
+            self.rope_index.append(j)
 
     def rotary_table(self, dtype: mx.Dtype) -> "RotaryTable":
         if dtype not in self._tables:
             self._tables[dtype] = RotaryTable(self.head_dim, dtype)
         return self._tables[dtype]
 
-    def rotary_rows(self, offset: mx.array) -> Optional["RotaryRows"]:
-        return RotaryRows(self, offset) if self.on_cpu else None
+    def rotary_rows(self, offset: mx.array, dtype: mx.Dtype) -> list:
+        """Each rope group's (cos, sin) rows at `offset` in `dtype` (none off the CPU)."""
+        return [self.rotary_table(dtype).at(rope, offset) for rope in self.ropes]
 
     def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
         """The lhs indices gather_qmm builds itself (an arange, reshaped and
@@ -1072,22 +1184,22 @@ class RotaryTable:
 
 
 class RotaryRows:
-    """One position's rows, shared by the layers of a step whose rope modules
-    are alike (`DecodeConstants.rope_groups`: one group in MobileMoE), made
-    once per dtype the step rotates in (a model cast in part by `set_dtype`
-    rotates some layers in another dtype, as fast.rope would)."""
+    """One position's RoPE rows for a layer of the compiled step on the CPU:
+    those the step's embedding made for the layer's rope group, in the step's
+    dtype (`DecodeConstants.rotary_rows`), or, for a layer rotating in another
+    dtype (a model cast in part by `set_dtype`), made here from its own rope,
+    as fast.rope would rotate in that dtype."""
 
-    def __init__(self, constants: "DecodeConstants", offset: mx.array):
-        self.constants, self.offset, self.rows = constants, offset, {}
+    def __init__(self, constants: "DecodeConstants", offset: mx.array, rows):
+        self.constants, self.offset, self.rows = constants, offset, rows
 
     def rotate(self, x: mx.array, rope: nn.Module) -> mx.array:
-        rope = self.constants.rope_groups[id(rope)]
-        key = (id(rope), x.dtype)
-        if key not in self.rows:
-            table = self.constants.rotary_table(x.dtype)
-            self.rows[key] = table.at(rope, self.offset) + (table.swap,)
-        cos, sin, swap = self.rows[key]
-        return x * cos + (x @ swap) * sin
+        table = self.constants.rotary_table(x.dtype)
+        if self.rows and self.rows[0].dtype == x.dtype:
+            cos, sin = self.rows
+        else:
+            cos, sin = table.at(rope, self.offset)
+        return x * cos + (x @ table.swap) * sin
 
 
 def _rope_alike(a: nn.Module, b: nn.Module) -> bool:
