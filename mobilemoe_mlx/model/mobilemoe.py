@@ -92,7 +92,7 @@ class ModelArgs(BaseModelArgs):
     expert_sort_threshold: int = 64
     # Fuse q/k/v and the shared expert's gate/up at load (quantized weights only).
     fuse_projections: bool = True
-    # Run one-token decode steps as one compiled function (see Model.__call__).
+    # Run one-token decode steps as compiled functions (see Model.__call__).
     compiled_decode: bool = True
     # Where MLX runs on the CPU, cast floating weights to float32 as they load
     # (see Model.sanitize). mobilemoe_mlx's own loader turns this off and decides itself.
@@ -669,10 +669,11 @@ class Model(nn.Module):
         """Logits [B, L, vocab] for token ids [B, L].
 
         A one-token step through mlx-lm's KVCache (every decode step of
-        generate, chat and the server) runs as one compiled function: a step
-        of S is ~2,700 operations that Python would otherwise build one by
-        one, and the compiled graph is replayed from C++ with its elementwise
-        work between matmuls fused. Prefill, other caches (quantized,
+        generate, chat and the server) runs as compiled functions (the
+        embedding, one per kind of layer, the head): a step of S is ~2,700
+        operations that Python would otherwise build one by one, and the
+        compiled graphs are replayed from C++ with their elementwise work
+        between matmuls fused. Prefill, other caches (quantized,
         batched) and a step that must grow the buffers take the plain path."""
         if self.args.compiled_decode and _static_decode_applies(self, inputs, cache):
             return compiled_decode_step(self, inputs, cache)
@@ -812,9 +813,10 @@ def _calling_quantizer() -> Optional[str]:
 
 # ---------------------------------------------------------------------------
 # The compiled decode step: a fast path a reader can skip. Every one-token
-# step through mlx-lm's KVCache runs as one mx.compile'd function with the
-# weights as its inputs; the plain path above gives the same logits
-# (tests/test_compiled_decode.py, tests/test_decode_staleness.py).
+# step through mlx-lm's KVCache runs as mx.compile'd functions (the embedding,
+# one per kind of layer, the head) with the weights as their inputs; the plain
+# path above gives the same logits (tests/test_compiled_decode.py,
+# tests/test_decode_staleness.py, tests/test_decode_layer_kinds.py).
 # ---------------------------------------------------------------------------
 
 
