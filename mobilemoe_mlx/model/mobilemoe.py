@@ -51,7 +51,13 @@ from mlx_lm.models.base import (
     scaled_dot_product_attention,
 )
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.rope_utils import (
+    Llama3RoPE,
+    ProportionalRoPE,
+    SuScaledRoPE,
+    YarnRoPE,
+    initialize_rope,
+)
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 # MLX's GPU backends run float32 matmuls as TF32 (a 10-bit mantissa) unless
@@ -876,9 +882,15 @@ class DecodeStep:
         self.spans = self.slots.spans(model, model.layers)
         self.applies = self.slots.traceable and self.spans is not None and all(
             type(layer) is DecoderLayer and type(moe) is MoE
+            and isinstance(layer.self_attn.rope, _ARRAY_OFFSET_ROPES)
             for layer, moe in zip(model.layers, self.moes))
         if not self.applies:
             return
+        # A trace would freeze the random mask of a dropout in training mode
+        # (mlx_lm.lora's train()): those steps take the plain path, checked
+        # at every step since train() and eval() only set an attribute.
+        self.dropouts = [c for c in self.slots.containers
+                         if isinstance(c, _DROPOUTS) and getattr(c, "_p_1", 0.0) != 1.0]
         self.constants = DecodeConstants(model)
         in_layers = {i for start, end in self.spans for i in range(start, end)}
         self.outside = [i for i in range(len(self.slots.array_keys)) if i not in in_layers]
@@ -893,19 +905,22 @@ class DecodeStep:
                 signatures.append(signature)
                 self.layer_steps.append(mx.compile(partial(self.trace_layer, i)))
             steps.append(self.layer_steps[signatures.index(signature)])
-        self.steps = list(zip(self.spans, steps, self.constants.rope_index, self.moes))
+        self.steps = list(zip(self.spans, steps, self.constants.rope_index,
+                              [moe.top_k for moe in self.moes], self.moes))
 
     def __call__(self, weights: List[mx.array], inputs: mx.array, cache) -> mx.array:
+        if any(m.training for m in self.dropouts):
+            return self.model._logits(self.model.model(inputs, cache))
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         outside = [weights[i] for i in self.outside]
         h, mask, rows = self.embed(outside, inputs, offset, cache[0].keys.shape[2])
-        expert_rows = self.constants.expert_rows(inputs.shape[0])
-        for c, ((start, end), step, rope, moe) in zip(cache, self.steps):
+        batch = inputs.shape[0]
+        for c, ((start, end), step, rope, k, moe) in zip(cache, self.steps):
             # The buffers first: mx.compile matches a call to a trace input by
             # input, so a trace for another buffer size is told apart at once.
             h, c.keys, c.values, chosen = step(
                 c.keys, c.values, weights[start:end], h, offset, mask,
-                rows[rope] if rows else (), expert_rows)
+                rows[rope] if rope >= 0 else (), self.constants.expert_rows(batch, k))
             c.offset += 1
             moe.report(chosen)  # the tree's own, while it holds
         return self.head(outside, h)
@@ -936,11 +951,18 @@ class DecodeStep:
 def layer_signature(layer: nn.Module) -> list:
     """What a layer's trace depends on besides its arrays (which are inputs,
     and whose shapes and dtypes mx.compile keys its traces by): the class,
-    keys and plain attributes of every module and container in it, in order.
-    Two layers with equal signatures compute alike from their own arrays."""
+    keys and plain attributes of every module and container in it, in order,
+    and which of them are one object met twice (a module used in two places
+    of the layer holds one set of slots, not two). Two layers with equal
+    signatures compute alike from their own arrays."""
     out: list = []
+    seen: Dict[int, int] = {}
 
     def visit(c):
+        if id(c) in seen:
+            out.append(("again", seen[id(c)]))
+            return
+        seen[id(c)] = len(seen)
         keys = tuple(c.keys()) if isinstance(c, dict) else len(c)
         attrs = None
         if isinstance(c, nn.Module):
@@ -1057,6 +1079,8 @@ class TreeSlots:
         """The tree with `arrays` in the slots `indices` (a trace's
         placeholders), and the arrays it held put back after."""
         indices = list(indices)
+        if len(arrays) != len(indices):  # a trace reused for a layer unlike it
+            raise RuntimeError(f"{len(arrays)} arrays for {len(indices)} slots")
         own = [self.array_parents[i][self.array_keys[i]] for i in indices]
         self.put(indices, arrays)
         try:
@@ -1070,17 +1094,20 @@ class TreeSlots:
 
 
 def _containers(root, skip=frozenset()) -> set:
-    """The ids of the dicts (modules), lists and tuples reachable from
-    `root`, not through those in `skip`."""
-    seen, stack = set(), [root]
+    """The ids of the dicts (modules) and lists reachable from `root` (through
+    tuples too), not through those in `skip`. Tuples themselves are left out:
+    immutable, they hold no slot, and one such as () is shared by everything."""
+    seen, found, stack = set(), set(), [root]
     while stack:
         c = stack.pop()
         if id(c) in seen or id(c) in skip:
             continue
         seen.add(id(c))
+        if not isinstance(c, tuple):
+            found.add(id(c))
         stack.extend(v for v in (c.values() if isinstance(c, dict) else c)
                      if isinstance(v, (dict, list, tuple)))
-    return seen
+    return found
 
 
 class DecodeConstants:
@@ -1089,48 +1116,48 @@ class DecodeConstants:
     config and the module tree's structure, never from the weights' values."""
 
     def __init__(self, model: "Model"):
-        self.top_k = model.args.num_experts_per_tok
-        self._rows: Dict[int, Tuple[mx.array, mx.array]] = {}
-        self._tables: Dict[mx.Dtype, RotaryTable] = {}
-        self.head_dim = model.layers[0].self_attn.head_dim
+        self._rows: Dict[Tuple[int, int], Tuple[mx.array, mx.array]] = {}
+        self._tables: Dict[Tuple[int, mx.Dtype], RotaryTable] = {}
         self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
-        # The ropes that rotate alike, as groups: the first of each group,
-        # and each layer's group (all layers share one in MobileMoE).
-        self.ropes: List[nn.Module] = []
+        # The ropes the table rotates for, in groups that rotate alike at
+        # the same head size: the first of each group with that size, and
+        # each layer's group (-1: its rope rotates itself, see RotaryRows).
+        # All of MobileMoE's layers are one group.
+        self.ropes: List[Tuple[nn.Module, int]] = []
         self.rope_index: List[int] = []
         for layer in model.layers:
-            if not self.on_cpu:
-                self.rope_index.append(0)
+            rope, dims = layer.self_attn.rope, layer.self_attn.head_dim
+            if not (self.on_cpu and _rotates_by_table(rope)):
+                self.rope_index.append(-1)
                 continue
-            rope = layer.self_attn.rope
-            j = next((j for j, f in enumerate(self.ropes) if _rope_alike(f, rope)), None)
+            j = next((j for j, (f, d) in enumerate(self.ropes)
+                      if d == dims and _rope_alike(f, rope)), None)
             if j is None:
                 j = len(self.ropes)
-                self.ropes.append(rope)
+                self.ropes.append((rope, dims))
             self.rope_index.append(j)
 
-    def rotary_table(self, dtype: mx.Dtype) -> "RotaryTable":
-        if dtype not in self._tables:
-            self._tables[dtype] = RotaryTable(self.head_dim, dtype)
-        return self._tables[dtype]
+    def rotary_table(self, dims: int, dtype: mx.Dtype) -> "RotaryTable":
+        if (dims, dtype) not in self._tables:
+            self._tables[dims, dtype] = RotaryTable(dims, dtype)
+        return self._tables[dims, dtype]
 
     def rotary_rows(self, offset: mx.array, dtype: mx.Dtype) -> list:
-        """Each rope group's (cos, sin) rows at `offset` in `dtype` (none off the CPU)."""
-        return [self.rotary_table(dtype).at(rope, offset) for rope in self.ropes]
+        """Each rope group's (cos, sin) rows at `offset` in `dtype`."""
+        return [self.rotary_table(dims, dtype).at(rope, offset) for rope, dims in self.ropes]
 
-    def expert_rows(self, batch: int) -> Tuple[mx.array, mx.array]:
+    def expert_rows(self, batch: int, k: int) -> Tuple[mx.array, mx.array]:
         """The lhs indices gather_qmm builds itself (an arange, reshaped and
-        broadcast, in every layer of every step) for one-token steps: each
-        (token, expert) pair's token row for the first projection, the pair's
-        own row for the second."""
-        if batch not in self._rows:
-            k = self.top_k
+        broadcast, in every layer of every step) for one-token steps with `k`
+        experts a token: each (token, expert) pair's token row for the first
+        projection, the pair's own row for the second."""
+        if (batch, k) not in self._rows:
             token = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None],
                                     (batch, 1, k))
             pair = mx.arange(batch * k, dtype=mx.uint32).reshape(batch, 1, k)
-            self._rows[batch] = (mx.contiguous(token), pair)
-            mx.eval(self._rows[batch])
-        return self._rows[batch]
+            self._rows[batch, k] = (mx.contiguous(token), pair)
+            mx.eval(self._rows[batch, k])
+        return self._rows[batch, k]
 
 
 class StaticKV:
@@ -1196,12 +1223,29 @@ class RotaryRows:
         self.constants, self.offset, self.rows = constants, offset, rows
 
     def rotate(self, x: mx.array, rope: nn.Module) -> mx.array:
-        table = self.constants.rotary_table(x.dtype)
+        if not _rotates_by_table(rope):
+            return rope(x, offset=self.offset)
+        table = self.constants.rotary_table(x.shape[-1], x.dtype)
         if self.rows and self.rows[0].dtype == x.dtype:
             cos, sin = self.rows
         else:
             cos, sin = table.at(rope, self.offset)
         return x * cos + (x @ table.swap) * sin
+
+
+# mlx-lm's RoPE classes that rotate at an array offset (the compiled step's):
+# fast.rope with fixed frequencies. DynamicNTKScalingRoPE takes max() of the
+# offset in Python, so a model with it decodes on the plain path.
+_ARRAY_OFFSET_ROPES = (nn.RoPE, Llama3RoPE, YarnRoPE, ProportionalRoPE, SuScaledRoPE)
+_DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.Dropout3d)
+
+
+def _rotates_by_table(rope: nn.Module) -> bool:
+    """Whether RotaryTable rotates as `rope` does: interleaved pairs
+    (traditional) at angles linear in the position, by a class whose call is
+    fast.rope (after at most a fixed scaling of the input)."""
+    return (isinstance(rope, (nn.RoPE, Llama3RoPE, YarnRoPE, ProportionalRoPE))
+            and getattr(rope, "traditional", False) is True)
 
 
 def _rope_alike(a: nn.Module, b: nn.Module) -> bool:
@@ -1235,6 +1279,10 @@ def decode_mask(offset: mx.array, capacity: int) -> mx.array:
     """[capacity] True up to and including the new token's position `offset`.
 
     A masked position gets exactly zero attention weight, so reading whole
-    buffers gives the values of reading the filled part (the unfilled part
-    holds zeros or trimmed tokens: finite either way)."""
+    buffers gives the values of reading the filled part while the rest is
+    finite: mlx-lm's buffers start as zeros, and a position trimmed off keeps
+    the key and value written there. Zero weight times a non-finite value is
+    NaN, so after a step whose keys or values overflowed was trimmed away
+    (a rejected draft, say), the compiled steps give NaN where the plain path,
+    which reads only up to the offset, recovers."""
     return mx.arange(capacity) <= offset
