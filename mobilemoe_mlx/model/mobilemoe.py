@@ -1012,7 +1012,9 @@ class TreeSlots:
     structure too, since DecodeConstants groups ropes by them.
 
     Assumed, not checked: a module's plain Python attributes (eps, scale,
-    group size...) and class do not change in place after it is traced."""
+    group size, top_k...) and class do not change in place after it is
+    traced; a dropout's training mode is the exception, checked every step
+    (DecodeStep)."""
 
     def __init__(self, root: nn.Module):
         self.containers: List[Any] = []
