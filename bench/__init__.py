@@ -9,4 +9,5 @@ import each other relatively.
     python -m bench plan      # will a model fit a memory budget at a context?
     python -m bench export-prompts / export-synthetic / export-parity
                               # what the Swift benchmark and parity test (ios/) read
+    python -m bench.interleave  # the decode step's build against another revision's
 """
