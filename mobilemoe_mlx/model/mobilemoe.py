@@ -851,7 +851,7 @@ def compiled_decode_step(model: Model, inputs: mx.array, cache) -> mx.array:
     if weights is None:
         step = model._decode_step = DecodeStep(model)
         weights = step.slots.arrays()
-    if not step.applies:
+    if not step.applies or step.dropout_in_training():
         return model._logits(model.model(inputs, cache))
     return step(weights, inputs, cache)
 
@@ -860,7 +860,7 @@ class DecodeStep:
     """The compiled decode step of one structure of `model`'s module tree
     (see TreeSlots): its slots, its made-once arrays and three kinds of
     compiled function: the embedding with the step's shared rows (`embed`),
-    one layer (`layer_steps`, one per kind of layer) and the head (`head`).
+    one layer (one per kind of layer, in `steps`) and the head (`head`).
 
     Why a function per layer, not one for the whole step: MLX replays a
     compiled function by walking its traced graph, an entry per operation
@@ -887,8 +887,7 @@ class DecodeStep:
         if not self.applies:
             return
         # A trace would freeze the random mask of a dropout in training mode
-        # (mlx_lm.lora's train()): those steps take the plain path, checked
-        # at every step since train() and eval() only set an attribute.
+        # (mlx_lm.lora's train()): see dropout_in_training.
         self.dropouts = [c for c in self.slots.containers
                          if isinstance(c, _DROPOUTS) and getattr(c, "_p_1", 0.0) != 1.0]
         self.constants = DecodeConstants(model)
@@ -896,21 +895,23 @@ class DecodeStep:
         self.outside = [i for i in range(len(self.slots.array_keys)) if i not in in_layers]
         self.embed = mx.compile(self.trace_embed)
         self.head = mx.compile(self.trace_head)
-        signatures: List[list] = []
-        self.layer_steps: List[Any] = []  # one per kind of layer
+        kinds: Dict[tuple, Any] = {}  # layer_signature -> its compiled function
         steps = []
         for i, layer in enumerate(model.layers):
             signature = layer_signature(layer)
-            if signature not in signatures:  # traced on this layer, the first of its kind
-                signatures.append(signature)
-                self.layer_steps.append(mx.compile(partial(self.trace_layer, i)))
-            steps.append(self.layer_steps[signatures.index(signature)])
+            if signature not in kinds:  # traced on this layer, the first of its kind
+                kinds[signature] = mx.compile(partial(self.trace_layer, i))
+            steps.append(kinds[signature])
         self.steps = list(zip(self.spans, steps, self.constants.rope_index,
                               [moe.top_k for moe in self.moes], self.moes))
 
+    def dropout_in_training(self) -> bool:
+        """Whether a dropout would draw a random mask now: such steps take the
+        plain path. Checked at every step, since train() and eval() only set
+        an attribute."""
+        return any(m.training for m in self.dropouts)
+
     def __call__(self, weights: List[mx.array], inputs: mx.array, cache) -> mx.array:
-        if any(m.training for m in self.dropouts):
-            return self.model._logits(self.model.model(inputs, cache))
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         outside = [weights[i] for i in self.outside]
         h, mask, rows = self.embed(outside, inputs, offset, cache[0].keys.shape[2])
@@ -948,7 +949,7 @@ class DecodeStep:
             return self.model._logits(self.model.model.norm(h))
 
 
-def layer_signature(layer: nn.Module) -> list:
+def layer_signature(layer: nn.Module) -> tuple:
     """What a layer's trace depends on besides its arrays (which are inputs,
     and whose shapes and dtypes mx.compile keys its traces by): the class,
     keys and plain attributes of every module and container in it, in order,
@@ -976,7 +977,7 @@ def layer_signature(layer: nn.Module) -> list:
                 out.append((key, _plain(value)))
 
     visit(layer)
-    return out
+    return tuple(out)
 
 
 def _plain(value):
