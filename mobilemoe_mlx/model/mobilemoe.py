@@ -31,11 +31,12 @@ Shape legend: B = batch, L = tokens, D = hidden, H = heads, Hkv = KV heads,
 E = routed experts, K = experts chosen per token (top-k), I = expert width.
 """
 
+import copy
+import itertools
 import math
 import operator
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -665,11 +666,29 @@ class MobileMoEModel(nn.Module):
 
 
 class Model(nn.Module):
+    # Which kernels the compiled decode step rotates and attends with:
+    # "composed" (its own, what MLX's CPU wants), "fast" (MLX's fast.rope and
+    # attention, what GPUs want), or None, by the default device.
+    decode_kernels: Optional[str] = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.model = MobileMoEModel(args)
+        # What a module keeps beside its parameters (a rope's frequencies)
+        # is computed now, on this thread: left lazy, only the thread that
+        # built it could ever evaluate it (MLX binds a lazy array to its
+        # thread's stream), and a model loaded on one thread and run on
+        # another would fail. Parameters are left to the loader, which
+        # replaces them.
+        mx.eval([a for key, a in held_arrays(self) if key.startswith("_")])
+
+    def __getstate__(self):
+        # A copy (copy.copy, deepcopy, pickle) makes its own compiled decode
+        # step: this one's is bound to this tree (and holds MLX objects that
+        # do not pickle).
+        return {k: v for k, v in self.__dict__.items() if k != "_decode_step"}
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """Logits [B, L, vocab] for token ids [B, L].
@@ -739,6 +758,33 @@ class Model(nn.Module):
             for module, prefix in self.fusable():
                 module.fuse_weights(weights, prefix)
         return weights
+
+
+def held_arrays(root) -> List[Tuple[str, mx.array]]:
+    """(key, array) for every array a module tree holds, parameters or not
+    (a rope's `_freqs`), each once, found through its modules, lists, dicts
+    and tuples."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        for key, value in (c.items() if isinstance(c, dict) else enumerate(c)):
+            if isinstance(value, mx.array):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    found.append((str(key), value))
+            elif isinstance(value, (dict, list, tuple)):
+                stack.append(value)
+    return found
+
+
+def realize(model: nn.Module) -> nn.Module:
+    """Evaluate every array `model` holds, so that any thread can run it
+    (see Model.__init__); mobilemoe_mlx's loaders end with this."""
+    mx.eval([a for _, a in held_arrays(model)])
+    return model
 
 
 def _as_float32(a: mx.array) -> mx.array:
@@ -844,16 +890,44 @@ def compiled_decode_step(model: Model, inputs: mx.array, cache) -> mx.array:
     # Never stale: the weights are the compiled functions' inputs, read
     # from the tree's slots at every step, and the traces are kept only
     # while the tree's structure is the traced one (TreeSlots says what
-    # that checks and what it assumes). What that costs a step, measured:
+    # that checks and what it assumes) and the model asks for the kernels
+    # they were traced with. What that costs a step, measured:
     # docs/benchmarks.md, "The decode step".
-    step = getattr(model, "_decode_step", None)
-    weights = None if step is None else step.slots.arrays()
+    # Any number of threads may run this at once on one model: a DecodeStep
+    # is only read once made (a thread that finds it stale makes its own and
+    # publishes it), and its traces never touch the model's tree (TreeSlots.shadow).
+    step = model.__dict__.get("_decode_step")
+    composed = _composed_kernels(model.decode_kernels)
+    weights = None
+    if step is not None and step.model is model and step.composed == composed:
+        weights = step.slots.arrays()
     if weights is None:
-        step = model._decode_step = DecodeStep(model)
+        step = model._decode_step = DecodeStep(model, composed)
         weights = step.slots.arrays()
     if not step.applies or step.dropout_in_training():
         return model._logits(model.model(inputs, cache))
     return step(weights, inputs, cache)
+
+
+def _composed_kernels(choice: Optional[str]) -> bool:
+    """Whether the compiled step rotates and attends with its own composed
+    operations ("composed": RotaryTable, decode_attention) or with MLX's fast
+    kernels ("fast": fast.rope and fast.scaled_dot_product_attention); None
+    picks by the default device: composed on the CPU, where the fast ones are
+    no kernels but ~13 primitives each, fast on a GPU."""
+    if choice is None:
+        return mx.default_device().type == mx.DeviceType.cpu
+    if choice not in ("composed", "fast"):
+        raise ValueError(f"decode_kernels is {choice!r}; choose 'composed', 'fast' or None")
+    return choice == "composed"
+
+
+# Each DecodeStep's number, passed to its compiled functions as a constant.
+# MLX keeps traces per thread, keyed by the Python function's address, and a
+# function freed on one thread is forgotten by that thread's cache only; a new
+# step's function at a freed address could then replay, on another thread, a
+# trace of a structure the model no longer has. The number tells them apart.
+_STEP_NUMBERS = itertools.count()
 
 
 class DecodeStep:
@@ -875,8 +949,9 @@ class DecodeStep:
     watch or change what passes (bench parity's taps, bench profile's timers)
     must be called at every step, not traced once."""
 
-    def __init__(self, model: "Model"):
-        self.model = model
+    def __init__(self, model: "Model", composed: bool):
+        self.model, self.composed = model, composed
+        self.number = next(_STEP_NUMBERS)
         self.slots = TreeSlots(model)
         self.moes = [getattr(layer, "feed_forward", None) for layer in model.layers]
         self.spans = self.slots.spans(model, model.layers)
@@ -890,7 +965,7 @@ class DecodeStep:
         # (mlx_lm.lora's train()): see dropout_in_training.
         self.dropouts = [c for c in self.slots.containers
                          if isinstance(c, _DROPOUTS) and getattr(c, "_p_1", 0.0) != 1.0]
-        self.constants = DecodeConstants(model)
+        self.constants = DecodeConstants(model, composed)
         in_layers = {i for start, end in self.spans for i in range(start, end)}
         self.outside = [i for i in range(len(self.slots.array_keys)) if i not in in_layers]
         self.embed = mx.compile(self.trace_embed)
@@ -914,39 +989,40 @@ class DecodeStep:
     def __call__(self, weights: List[mx.array], inputs: mx.array, cache) -> mx.array:
         offset = mx.array(cache[0].offset, dtype=mx.int32)
         outside = [weights[i] for i in self.outside]
-        h, mask, rows = self.embed(outside, inputs, offset, cache[0].keys.shape[2])
+        h, mask, rows = self.embed(self.number, outside, inputs, offset, cache[0].keys.shape[2])
         batch = inputs.shape[0]
         for c, ((start, end), step, rope, k, moe) in zip(cache, self.steps):
             # The buffers first: mx.compile matches a call to a trace input by
             # input, so a trace for another buffer size is told apart at once.
             h, c.keys, c.values, chosen = step(
-                c.keys, c.values, weights[start:end], h, offset, mask,
+                c.keys, c.values, self.number, weights[start:end], h, offset, mask,
                 rows[rope] if rope >= 0 else (), self.constants.expert_rows(batch, k))
             c.offset += 1
             moe.report(chosen)  # the tree's own, while it holds
-        return self.head(outside, h)
+        return self.head(self.number, outside, h)
 
-    def trace_embed(self, outside, inputs, offset, capacity: int):
-        """The step's hidden state, mask and RoPE rows (traced once; see
-        `trace_layer` for the placeholders)."""
-        with self.slots.holding(self.outside, outside):
-            h = self.model.model.embed_tokens(inputs)
-            return h, decode_mask(offset, capacity), self.constants.rotary_rows(offset, h.dtype)
+    # The traced functions. Each runs the model's own code on a private copy
+    # of its part of the tree holding the placeholders (TreeSlots.shadow);
+    # `number` is only a compile constant (see _STEP_NUMBERS).
 
-    def trace_layer(self, i, keys, values, weights, h, offset, mask, rows, expert_rows):
-        """Layer i's one-token forward over whole KV buffers, as traced: the
-        weights' placeholders stand in the layer's slots while it runs, then
-        the very arrays (the same Python objects) are put back."""
+    def trace_embed(self, number, outside, inputs, offset, capacity: int):
+        """The step's hidden state, mask and RoPE rows."""
+        model = self.slots.shadow(self.model, self.outside, outside, keep=self.model.layers)
+        h = model.model.embed_tokens(inputs)
+        return h, decode_mask(offset, capacity), self.constants.rotary_rows(offset, h.dtype)
+
+    def trace_layer(self, i, keys, values, number, weights, h, offset, mask, rows, expert_rows):
+        """Layer i's one-token forward over whole KV buffers."""
         start, end = self.spans[i]
-        with self.slots.holding(range(start, end), weights):
-            rotary = RotaryRows(self.constants, offset, rows) if self.constants.on_cpu else None
-            c = StaticKV(keys, values, offset, rotary, expert_rows)
-            h, chosen = self.model.layers[i].forward(h, mask, c)
-            return h, c.keys, c.values, chosen
+        layer = self.slots.shadow(self.model.layers[i], range(start, end), weights)
+        rotary = RotaryRows(self.constants, offset, rows) if self.composed else None
+        c = StaticKV(keys, values, offset, rotary, expert_rows)
+        h, chosen = layer.forward(h, mask, c)
+        return h, c.keys, c.values, chosen
 
-    def trace_head(self, outside, h):
-        with self.slots.holding(self.outside, outside):
-            return self.model._logits(self.model.model.norm(h))
+    def trace_head(self, number, outside, h):
+        model = self.slots.shadow(self.model, self.outside, outside, keep=self.model.layers)
+        return model._logits(model.model.norm(h))
 
 
 def layer_signature(layer: nn.Module) -> tuple:
@@ -1077,23 +1153,45 @@ class TreeSlots:
             spans.append((mine[0], mine[-1] + 1) if mine else (0, 0))
         return spans
 
-    @contextmanager
-    def holding(self, indices, arrays: List[mx.array]):
-        """The tree with `arrays` in the slots `indices` (a trace's
-        placeholders), and the arrays it held put back after."""
+    def shadow(self, root, indices, arrays: List[mx.array], keep=()):
+        """A private copy of the tree under `root` with `arrays` in the slots
+        `indices` (a trace's placeholders): every module, list, dict and tuple
+        reachable from `root` is copied (shallow: the same arrays and plain
+        attributes), except the modules in `keep`, which are shared as they are.
+
+        Why a copy: a trace runs the model's own code on placeholders, so they
+        must sit where that code reads its arrays. Put into the model's own
+        tree, they would be seen by every other thread running the model
+        meanwhile (a forward pass that reads a placeholder fails with
+        "Attempting to eval an array without a primitive"), and MLX traces
+        each compiled function once per thread, so a service's threads trace
+        while others decode. The copy is this trace's alone, and the model's
+        tree is only ever read."""
         indices = list(indices)
         if len(arrays) != len(indices):  # a trace reused for a layer unlike it
             raise RuntimeError(f"{len(arrays)} arrays for {len(indices)} slots")
-        own = [self.array_parents[i][self.array_keys[i]] for i in indices]
-        self.put(indices, arrays)
-        try:
-            yield
-        finally:
-            self.put(indices, own)
+        keep_ids = {id(m) for m in keep}
+        copies: Dict[int, Any] = {}
 
-    def put(self, indices, arrays: List[mx.array]) -> None:
+        def copy_of(c):
+            if id(c) in keep_ids:
+                return c
+            if id(c) not in copies:
+                if isinstance(c, tuple):
+                    copies[id(c)] = tuple(
+                        copy_of(v) if isinstance(v, (dict, list, tuple)) else v for v in c)
+                else:
+                    new = copies[id(c)] = copy.copy(c)
+                    items = new.items() if isinstance(new, dict) else enumerate(new)
+                    for key, value in list(items):
+                        if isinstance(value, (dict, list, tuple)):
+                            new[key] = copy_of(value)
+            return copies[id(c)]
+
+        top = copy_of(root)
         for i, a in zip(indices, arrays):
-            self.array_parents[i][self.array_keys[i]] = a
+            copies[id(self.array_parents[i])][self.array_keys[i]] = a
+        return top
 
 
 def _containers(root, skip=frozenset()) -> set:
@@ -1118,10 +1216,9 @@ class DecodeConstants:
     rather than building them in every step's graph. They derive from the
     config and the module tree's structure, never from the weights' values."""
 
-    def __init__(self, model: "Model"):
+    def __init__(self, model: "Model", composed: bool):
         self._rows: Dict[Tuple[int, int], Tuple[mx.array, mx.array]] = {}
         self._tables: Dict[Tuple[int, mx.Dtype], RotaryTable] = {}
-        self.on_cpu = mx.default_device().type == mx.DeviceType.cpu  # see RotaryTable
         # The ropes the table rotates for, in groups that rotate alike at
         # the same head size: the first of each group with that size, and
         # each layer's group (-1: its rope rotates itself, see RotaryRows).
@@ -1130,7 +1227,7 @@ class DecodeConstants:
         self.rope_index: List[int] = []
         for layer in model.layers:
             rope, dims = layer.self_attn.rope, layer.self_attn.head_dim
-            if not (self.on_cpu and _rotates_by_table(rope)):
+            if not (composed and _rotates_by_table(rope)):
                 self.rope_index.append(-1)
                 continue
             j = next((j for j, (f, d) in enumerate(self.ropes)
