@@ -202,7 +202,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     evaluated one layer at a time, so no float copy of the whole model ever
     exists (peak memory stays near the quantized size)."""
     # Imported here: mlx-lm pulls in transformers, and `bench -h` imports this module.
-    from mobilemoe_mlx.model.mobilemoe import QuantizedExpertLinear
+    from mobilemoe_mlx.model.mobilemoe import QuantizedExpertLinear, realize
 
     config = dict(config) if config is not None else model_config(name)
     model = instantiate(config)
@@ -248,7 +248,7 @@ def build_synthetic(name: str, dtype: str = "float32", bits: int = 4, group_size
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.layers:
         mx.eval(layer.parameters())
-    mx.eval(model.parameters())
+    realize(model)  # what modules keep beside parameters too: any thread can run it
     quant = analytic.Quant(bits=bits, group_size=group_size, scale_dtype=dtype, dtype=dtype)
     return Built(name, label(name), model, config, family(config), True, "synthetic",
                  dtype=dtype, quant=quant)
@@ -303,8 +303,7 @@ def load_checkpoint(path: str, option: str = "--weights") -> Built:
     from mobilemoe_mlx.checkpoints.loading import load_converted
 
     p = check_checkpoint(path, option)
-    model, config = load_converted(p)
-    mx.eval(model.parameters())
+    model, config = load_converted(p)  # realized: every array read
     try:
         from mobilemoe_mlx.checkpoints.loading import load_tokenizer
 

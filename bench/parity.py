@@ -33,6 +33,7 @@ from mobilemoe_mlx.checkpoints.config import PRESETS
 from mobilemoe_mlx.checkpoints.convert import DTYPES
 from mobilemoe_mlx.checkpoints.loading import as_float32, load_converted
 from mobilemoe_mlx.errors import UserError
+from mobilemoe_mlx.model.mobilemoe import realize
 from mobilemoe_mlx.model.routing import ExpertRecorder
 from mobilemoe_mlx.model.runtime import current as current_runtime
 
@@ -272,7 +273,8 @@ def models_for(name: str, dtype: Optional[str], seed: int, layers: Optional[int]
     reference = copy.deepcopy(model)
     if dtype is not None:
         cast(model, dtype)
-    mx.eval(model.parameters(), reference.parameters())
+    realize(model)
+    realize(reference)
     return model, reference
 
 

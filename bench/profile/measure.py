@@ -226,6 +226,7 @@ def build_model(name: str, dtype: Optional[str], seed: int):
     fuses them; `dtype` default: this backend's) or a converted directory (as
     load() runs it here; `dtype` casts it)."""
     from mobilemoe_mlx.checkpoints.loading import load_converted
+    from mobilemoe_mlx.model.mobilemoe import realize
     from mobilemoe_mlx.model.runtime import current
 
     from ..models import Built, build_synthetic, check_checkpoint, is_checkpoint_name, storage_of
@@ -237,7 +238,7 @@ def build_model(name: str, dtype: Optional[str], seed: int):
     model, config = load_converted(path, float32_on_cpu=True)
     if dtype is not None:
         cast(model, dtype)
-    mx.eval(model.parameters())
+    realize(model)
     act, quant = storage_of(model)
     return Built(str(path), path.name, model, config, "moe", False, str(path),
                  dtype=act, quant=quant)

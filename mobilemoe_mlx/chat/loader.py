@@ -37,6 +37,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     prompt that does not fit the context raises UserError, before the model is
     converted or loaded wherever its files allow (see the module's docstring)."""
     from ..checkpoints.loading import load
+    from ..model.mobilemoe import realize
     from ..model.planner import fits_warning
 
     check_kv_bits(source, revision, kv_bits)
@@ -62,7 +63,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
     _for_chat(tokenizer)
     if not raw:  # measured again with the tokenizer the chat will use: it decides
         check_system_fits(tokenizer, system, model.args.max_position_embeddings)
-    mx.eval(model.parameters())
+    realize(model)  # weights read now; and any thread can run it (Model.__init__)
     return model, tokenizer
 
 

@@ -112,7 +112,7 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
     stored dtypes, as does the benchmark everywhere."""
     from mlx_lm.utils import load_model
 
-    from ..model.mobilemoe import Model, ModelArgs
+    from ..model.mobilemoe import Model, ModelArgs, realize
 
     if config is None:
         check_converted(path)
@@ -129,14 +129,13 @@ def load_converted(path: Path, lazy: bool = False, float32_on_cpu: bool = False,
         more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
         raise UserError(f"{path}'s config.json does not match its weights: "
                         f"{lines[0][:300]}{more}; convert the checkpoint again") from e
-    if current_runtime().half_precision_fast:
-        return model, config
-    if float32_on_cpu:
-        model.apply(as_float32)
-        if not lazy:
-            mx.eval(model.parameters())
-    else:
-        _check_runs_here(model, path)
+    if not current_runtime().half_precision_fast:
+        if float32_on_cpu:
+            model.apply(as_float32)
+        else:
+            _check_runs_here(model, path)
+    if not lazy:  # nothing left lazy: any thread can run it (Model.__init__ says why)
+        realize(model)
     return model, config
 
 
