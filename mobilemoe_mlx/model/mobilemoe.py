@@ -33,6 +33,7 @@ E = routed experts, K = experts chosen per token (top-k), I = expert width.
 
 import copy
 import itertools
+import logging
 import math
 import operator
 import os
@@ -676,6 +677,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = MobileMoEModel(args)
+        quiet_config_warnings()
         # What a module keeps beside its parameters (a rope's frequencies)
         # is computed now, on this thread: left lazy, only the thread that
         # built it could ever evaluate it (MLX binds a lazy array to its
@@ -791,6 +793,62 @@ def _as_float32(a: mx.array) -> mx.array:
     if mx.issubdtype(a.dtype, mx.floating) and a.dtype != mx.float32:
         return a.astype(mx.float32)
     return a
+
+
+# ---------------------------------------------------------------------------
+# transformers' warnings about a MobileMoE config, which no user can act on.
+# ---------------------------------------------------------------------------
+
+# mlx-lm's tokenizer loader has transformers read the directory's config.json,
+# which transformers does not know: it warns that it builds a generic config
+# from a `mobilemoe` one, and checks the llama3 RoPE block by rules MobileMoE's
+# released values break by design (equal low and high frequency factors; the
+# original context equal to the context). The messages, and their loggers.
+_CONFIG_WARNINGS = {
+    "transformers.configuration_utils": ("You are using a model of type `mobilemoe` to ",),
+    "transformers.modeling_rope_utils": (
+        "`rope_parameters`'s high_freq_factor field must be greater than low_freq_factor",
+        "`rope_parameters`'s original_max_position_embeddings field must be less than ",
+    ),
+}
+
+
+class _MobileMoEConfigWarnings(logging.Filter):
+    """Drops exactly those messages, and only while transformers reads a
+    config whose model_type is "mobilemoe"; every other message passes."""
+
+    mobilemoe_config_warnings = True  # how a second copy of this file finds it installed
+
+    def __init__(self, starts: Tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith(self.starts) and _reading_mobilemoe_config())
+
+
+def _reading_mobilemoe_config() -> bool:
+    """Whether transformers' PreTrainedConfig is being built from a
+    mobilemoe config dict (its from_pretrained or from_dict is on the stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("from_pretrained", "from_dict") and \
+                code.co_filename.endswith("configuration_utils.py"):
+            config = frame.f_locals.get("config_dict")
+            return isinstance(config, dict) and config.get("model_type") == "mobilemoe"
+        frame = frame.f_back
+    return False
+
+
+def quiet_config_warnings() -> None:
+    """Install the filter on transformers' loggers, once per process (each
+    load through mlx-lm runs this file anew). Called when a Model is built,
+    which mlx-lm's loader does before it loads the tokenizer."""
+    for name, starts in _CONFIG_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "mobilemoe_config_warnings", False) for f in logger.filters):
+            logger.addFilter(_MobileMoEConfigWarnings(starts))
 
 
 # ---------------------------------------------------------------------------
