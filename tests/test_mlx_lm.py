@@ -2,6 +2,8 @@
 `model_file` copied beside the weights, with trust_remote_code), its KV-cached
 generation loop, its quantizer and (end-to-end tier) its console command."""
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -142,3 +144,48 @@ def test_mlx_lm_generate_console_command(qat_int4):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Generation: 3 tokens" in result.stdout, result.stdout
+    # transformers reads config.json for the tokenizer: nothing it says about a
+    # mobilemoe config is the user's to act on (test_transformers_warnings_...)
+    assert "transformers" not in result.stderr, result.stderr
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("model_type", ["mobilemoe", "llama"])
+def test_transformers_warnings_about_a_mobilemoe_config_and_only_those_are_dropped(
+        loaded, qat_int4, tmp_path, model_type):
+    """The model file (loaded above) filters transformers' three messages
+    while it reads a mobilemoe config; the same messages about another
+    model's config, and any other message, still show."""
+    from transformers import PretrainedConfig
+
+    config = json.loads((qat_int4.path / "config.json").read_text())
+    assert config["rope_parameters"]["low_freq_factor"] == config["rope_parameters"][
+        "high_freq_factor"], "the released RoPE values, which transformers' check warns about"
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type=model_type)))
+    records = _Records()
+    loggers = [logging.getLogger(f"transformers.{name}")
+               for name in ("configuration_utils", "modeling_rope_utils")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        PretrainedConfig.from_pretrained(str(tmp_path))
+        for logger in loggers:
+            logger.warning("any other message")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    about_config = [m for m in records.messages if m != "any other message"]
+    assert records.messages.count("any other message") == 2
+    if model_type == "mobilemoe":
+        assert about_config == []
+    else:
+        assert any(m.startswith("You are using a model of type `llama`") for m in about_config)
+        assert any("high_freq_factor field must be greater" in m for m in about_config)
