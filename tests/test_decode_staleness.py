@@ -7,6 +7,7 @@ below changes the tokens the model generates (checked against the unchanged
 model's), so a step that kept the old weights or the old structure fails.
 """
 
+import concurrent.futures
 import json
 
 import mlx.core as mx
@@ -166,18 +167,26 @@ def unchanged_tokens(qat_int4, tokens):
     return generate(qat_int4.model(), tokens, compiled=False)[0]
 
 
-def check_route(model, tokens, unchanged, change, tmp_path, name):
-    _, marks, _ = generate(model, tokens, compiled=True, steps=3)
+def check_route(model, tokens, unchanged, change, tmp_path, name, decoder=None):
+    """`decoder`: a thread pool of one thread that runs every compiled
+    generation (MLX keeps that thread's traces apart from this one's), while
+    the change is made here; None: all on this thread."""
+    def compiled(**kwargs):
+        if decoder is None:
+            return generate(model, tokens, compiled=True, **kwargs)
+        return decoder.submit(generate, model, tokens, True, **kwargs).result()
+
+    _, marks, _ = compiled(steps=3)
     assert all(marks), "the compiled step ran (and was traced) before the change"
     mx.random.seed(sum(map(ord, name)))
     change(model, tmp_path)
     plain, _, plain_logits = generate(model, tokens, compiled=False)
     assert not np.array_equal(plain, unchanged), "the change must show in the tokens"
-    compiled, marks, _ = generate(model, tokens, compiled=True)
+    after, marks, _ = compiled()
     assert all(marks), "the steps after the change ran compiled"
-    np.testing.assert_array_equal(compiled, plain)
+    np.testing.assert_array_equal(after, plain)
     # and step by step on the same tokens, closer than any token could show
-    _, _, logits = generate(model, tokens, compiled=True, forced=plain)
+    _, _, logits = compiled(forced=plain)
     assert_close(logits, plain_logits, "compiled vs plain after the change", cos_min=0.999999,
                  rel_max=1e-5)
 
@@ -186,6 +195,17 @@ def check_route(model, tokens, unchanged, change, tmp_path, name):
 def test_a_change_after_a_compiled_step_is_decoded(qat_int4, tokens, unchanged_tokens,
                                                    route, tmp_path):
     check_route(qat_int4.model(), tokens, unchanged_tokens, ROUTES[route], tmp_path, route)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_change_is_decoded_by_a_thread_that_traced_before_it(qat_int4, tokens,
+                                                                unchanged_tokens, route,
+                                                                tmp_path):
+    """The model is changed on this thread while another thread holds its
+    traces of the model before the change (as a service's workers do)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as decoder:
+        check_route(qat_int4.model(), tokens, unchanged_tokens, ROUTES[route], tmp_path, route,
+                    decoder)
 
 
 # nn.quantize needs float layers: the float conversion of the same checkpoint.

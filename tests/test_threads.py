@@ -11,6 +11,7 @@ generated alone on the main thread, greedy, token for token.
 
 import concurrent.futures
 import copy
+import pickle
 import sys
 import threading
 from contextlib import contextmanager
@@ -81,21 +82,53 @@ def test_loaded_on_one_thread_generates_on_others(synthetic_tiny, loader):
     assert again == [main] * 3
 
 
-def test_every_array_a_loaded_model_holds_evaluates_on_another_thread(synthetic_tiny):
-    """Parameters, the rope's frequencies, and the compiled step's own arrays."""
-    model, _ = load(str(synthetic_tiny), progress=False)
-    generate(model, prompts(model.args.vocab_size, 1)[0], tokens=3)  # builds the step
-    step = model.__dict__["_decode_step"]
-    made_later = [a for rows in step.constants._rows.values() for a in rows]
-    made_later += [a for table in step.constants._tables.values() for a in (table.unit, table.swap)]
+def _chat_model(path):
+    from mobilemoe_mlx.chat.loader import load_chat_model
+
+    return load_chat_model(str(path), progress=False)[0]
+
+
+def _bench_model(name):
+    from bench.models import build_synthetic, load_checkpoint
+
+    return lambda path: (load_checkpoint(str(path)) if name == "checkpoint"
+                         else build_synthetic(name)).model
+
+
+# Every way this project and mlx-lm hand out a model, and the bench's peers.
+EVERY_LOADER = {
+    "mobilemoe_mlx.load": lambda path: LOADERS["mobilemoe_mlx.load"](path)[0],
+    "mlx_lm.load": lambda path: LOADERS["mlx_lm.load"](path)[0],
+    "chat": _chat_model,
+    **{f"bench {name}": _bench_model(name)
+       for name in ("checkpoint", "tiny", "pro-tiny", "glm4-tiny")},
+}
+
+
+@pytest.mark.parametrize("loader", EVERY_LOADER)
+def test_every_array_a_loaded_model_holds_evaluates_on_another_thread(synthetic_tiny, loader):
+    """Parameters, the rope's frequencies, everything a module keeps (a lazy
+    array built on this thread fails to evaluate on another)."""
+    model = EVERY_LOADER[loader](synthetic_tiny)
     held = [a for _, a in held_arrays(model)]
-    assert made_later and any(key == "_freqs" for key, _ in held_arrays(model))
+    assert len(held) > len(model.layers)
 
     def evaluate_each(arrays):
         for a in arrays:
             mx.eval(a)
 
-    on_fresh_thread(evaluate_each, held + made_later)
+    on_fresh_thread(evaluate_each, held)
+
+
+def test_the_compiled_steps_own_arrays_evaluate_on_another_thread(synthetic_tiny):
+    model, _ = load(str(synthetic_tiny), progress=False)
+    assert any(key == "_freqs" for key, _ in held_arrays(model))
+    generate(model, prompts(model.args.vocab_size, 1)[0], tokens=3)  # builds the step
+    step = model.__dict__["_decode_step"]
+    made_later = [a for rows in step.constants._rows.values() for a in rows]
+    made_later += [a for table in step.constants._tables.values() for a in (table.unit, table.swap)]
+    assert made_later
+    on_fresh_thread(mx.eval, made_later)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -154,6 +187,7 @@ def test_deep_copies_at_any_time_decode_like_the_original(synthetic_tiny):
     copies = {"before decoding": copy.deepcopy(model)}
     want = generate(model, prompt)
     copies["after decoding"] = copy.deepcopy(model)
+    copies["pickled after decoding"] = pickle.loads(pickle.dumps(model))
     # and while other threads decode with it (traces under way)
     stop = threading.Event()
 

@@ -1313,8 +1313,12 @@ class DecodeConstants:
             token = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None],
                                     (batch, 1, k))
             pair = mx.arange(batch * k, dtype=mx.uint32).reshape(batch, 1, k)
-            self._rows[batch, k] = (mx.contiguous(token), pair)
-            mx.eval(self._rows[batch, k])
+            rows = (mx.contiguous(token), pair)
+            # Evaluated before they are published: another thread may find them at
+            # once, and a lazy array in two threads' graphs is evaluated by both at
+            # once (a crash inside MLX's eval). RotaryTables are made whole likewise.
+            mx.eval(rows)
+            self._rows[batch, k] = rows
         return self._rows[batch, k]
 
 
