@@ -277,7 +277,10 @@ def load(path_or_repo: str, revision: Optional[str] = None, lazy: bool = False,
             else $XDG_CACHE_HOME or ~/.cache, under mobilemoe-mlx), keyed by repo
             and commit (or by path and file times); float32 where MLX runs on the CPU.
         revision: Hub branch, tag or commit.
-        lazy: leave weights on disk until first use.
+        lazy: leave weights on disk until first use, which must then be on
+            this thread (MLX binds a lazy array to the thread that made it);
+            otherwise every array the model holds is evaluated, and any
+            thread can run it, many at once.
         before_converting: called with the checkpoint's checked config and its
             directory when a conversion is about to start, to refuse (UserError)
             what the caller would refuse once the model is loaded (chat: a
