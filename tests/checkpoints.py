@@ -26,7 +26,8 @@ from reference import QAT_GROUP, pack_int4
 from mobilemoe_mlx.checkpoints.config import preset_config
 from mobilemoe_mlx.checkpoints.synthetic import write_tokenizer
 
-# The synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>, 2 <|eot_id|>.
+# The tiny synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>,
+# 2 <|eot|> (where its chat template ends a turn; 3 and 4 are the header's marks).
 BOS, EOS = 0, [1, 2]
 
 # The one reason every torch-needing test gives when it skips.
@@ -262,7 +263,7 @@ def _qat_name(name: str, kind: str) -> Tuple[str, str]:
 SPECIAL_TOKENS_MAP = {
     name: {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
            "single_word": False}
-    for name, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|eot_id|>"))}
+    for name, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|end_of_text|>"))}
 
 
 def write_tokenizer_files(out: Path, config: dict) -> None:
