@@ -12,11 +12,15 @@ import re
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
+from checkpoints import tiny_config
 from click.testing import CliRunner
 from tokenizers import Tokenizer
 
 from mobilemoe_mlx.chat import cli as chat_cli
+from mobilemoe_mlx.chat.options import Sampling
+from mobilemoe_mlx.chat.session import ChatSession
 from mobilemoe_mlx.checkpoints.config import preset_config
 from mobilemoe_mlx.checkpoints.consistency import read_tokenizer_ids
 from mobilemoe_mlx.checkpoints.synthetic_tokenizer import (
@@ -26,6 +30,7 @@ from mobilemoe_mlx.checkpoints.synthetic_tokenizer import (
     write_tokenizer,
 )
 from mobilemoe_mlx.checkpoints.turns import load_tokenizer
+from mobilemoe_mlx.model.mobilemoe import Model, ModelArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORD = re.compile(r"[A-Za-z]{2}")
@@ -76,6 +81,13 @@ def s_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def s_tokenizer(s_tokenizer_dir):
+    """The S preset's tokenizer as load() and the chat load it (Llama 3.2's words only)."""
+    _needs_llama()
+    return load_tokenizer(s_tokenizer_dir, preset_config("S")["eos_token_id"])
+
+
+@pytest.fixture(scope="module")
 def made_up_s_dir(tmp_path_factory):
     """The S preset's tokenizer where Llama 3.2's words are not installed."""
     out = tmp_path_factory.mktemp("s-made-up")
@@ -118,13 +130,23 @@ def test_the_made_up_tokenizer_keeps_the_released_specials_and_template(made_up_
     assert [i for i in ids if i >= 128000] == [i for i in JVM_IDS if i >= 128000]
 
 
-def test_the_s_presets_tokenizer_encodes_the_pinned_ids(s_tokenizer_dir):
-    _needs_llama()
-    _assert_covers(s_tokenizer_dir, S_VOCAB, RELEASED_SPECIALS)
-    tokenizer = load_tokenizer(s_tokenizer_dir)
-    assert tokenizer.encode(HELLO) == HELLO_IDS
-    assert tokenizer.apply_chat_template([{"role": "user", "content": JVM}],
-                                         add_generation_prompt=True) == JVM_IDS
+def test_the_s_presets_tokenizer_encodes_the_pinned_ids(s_tokenizer):
+    assert s_tokenizer.encode(HELLO) == HELLO_IDS
+    assert s_tokenizer.apply_chat_template([{"role": "user", "content": JVM}],
+                                           add_generation_prompt=True) == JVM_IDS
+    assert {i: s_tokenizer.convert_ids_to_tokens(i) for i in RELEASED_SPECIALS} == RELEASED_SPECIALS
+    assert len(s_tokenizer.get_vocab()) == S_VOCAB
+
+
+def test_the_chat_sends_the_pinned_prompt_for_one_message(s_tokenizer):
+    """What the model reads (the KV cache's tokens) for the message, through the
+    chat's own session; the model is any one of the S vocabulary (random, tiny)."""
+    config = dict(tiny_config(), vocab_size=S_VOCAB)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    session = ChatSession(model, s_tokenizer, sampling=Sampling(max_tokens=1))
+    session.ask(JVM)
+    assert session.cache_tokens[:len(JVM_IDS)] == JVM_IDS
 
 
 def test_made_up_and_llama_tokenizers_share_every_special_token(s_tokenizer_dir, made_up_s_dir):

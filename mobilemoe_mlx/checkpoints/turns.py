@@ -23,17 +23,12 @@ from .reading import read_json_object
 _QUESTION, _ANSWER = "Probe question?", "Probe answer."
 
 
-def _load_wrapper(path: Path, eos_token_ids=None):
-    if not (path / "tokenizer.json").exists():
-        raise UserError(
-            f"{path} has no tokenizer.json; copy the checkpoint's tokenizer files there"
-        )
-    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+def _empty_config() -> dict:
+    """What keeps transformers from parsing the model's own config.json (transformers 5
+    cannot: docs/architecture.md section 6): an empty config handed in."""
     from transformers import PretrainedConfig
 
-    # An empty transformers config is handed in so transformers never parses the
-    # model's own config.json (transformers 5 cannot: docs/architecture.md section 6).
-    return load_mlx_tokenizer(path, {"config": PretrainedConfig()}, eos_token_ids=eos_token_ids)
+    return {"config": PretrainedConfig()}
 
 
 def end_of_turn(tokenizer) -> Optional[int]:
@@ -71,7 +66,13 @@ def load_tokenizer(path: Path, eos_token_ids=None):
     converted directory or a checkpoint's), stopping on every id of
     `eos_token_ids`, on the tokenizer's eos_token, and on the token the chat
     template closes an answer with."""
-    tokenizer = _load_wrapper(path, eos_token_ids)
+    if not (path / "tokenizer.json").exists():
+        raise UserError(
+            f"{path} has no tokenizer.json; copy the checkpoint's tokenizer files there"
+        )
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+
+    tokenizer = load_mlx_tokenizer(path, _empty_config(), eos_token_ids=eos_token_ids)
     closing = end_of_turn(tokenizer)
     if closing is not None:
         tokenizer.add_eos_token(str(closing))
@@ -99,8 +100,10 @@ def converted_stops(folder: Path, config: dict) -> Stops:
             "eos_token_id")) if i not in ids]
     if not (folder / "tokenizer.json").is_file():
         return Stops(ids, None)
-    try:
-        tokenizer = _load_wrapper(folder, ids)
+    try:  # transformers' tokenizer alone: mlx-lm's wrapper costs a second a 128k vocabulary
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, **_empty_config())
     except Exception as e:  # noqa: BLE001 - files the checks pass but transformers cannot load
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return Stops(ids, f"the tokenizer files cannot be loaded ({reason}), so where a turn "
@@ -108,9 +111,10 @@ def converted_stops(folder: Path, config: dict) -> Stops:
     closing = end_of_turn(tokenizer)
     if closing is not None:
         return Stops(ids + ([closing] if closing not in ids else []), None)
-    why = ("the checkpoint has no chat template" if not tokenizer.has_chat_template
+    why = ("the checkpoint has no chat template" if tokenizer.chat_template is None
            else "its chat template ends an answer with no special token")
-    stops = sorted(tokenizer.eos_token_ids)  # the tokenizer's own eos_token included
+    # mlx-lm stops on the tokenizer's own eos_token too.
+    stops = sorted(set(ids) | ({tokenizer.eos_token_id} - {None}))
     if not stops:
         return Stops(ids, f"{why} and names no eos token: generation stops only at its "
                           "length limit")
