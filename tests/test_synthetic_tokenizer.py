@@ -16,6 +16,7 @@ import mlx.core as mx
 import pytest
 from checkpoints import tiny_config
 from click.testing import CliRunner
+from test_released_files import check_written_s_qat
 from tokenizers import Tokenizer
 
 from mobilemoe_mlx.chat import cli as chat_cli
@@ -192,3 +193,4 @@ def test_the_full_size_demo_chats_in_words(tmp_path):
                            timeout=HANG)
         assert r.returncode == 0, r.stderr[-2000:]
     assert len(WORD.findall(r.stdout)) >= 6, r.stdout  # 12 tokens, nearly all words
+    check_written_s_qat(model / "model.safetensors")  # the tensors the released file holds
