@@ -202,7 +202,7 @@ def export_parity(out: Path, seed: int) -> dict:
     the same model saved as loaded (model-fused/: fused on disk)."""
     from mobilemoe_mlx.checkpoints.convert import convert
     from mobilemoe_mlx.checkpoints.loading import load_converted
-    from mobilemoe_mlx.checkpoints.synthetic import BOS_ID, write_synthetic
+    from mobilemoe_mlx.checkpoints.synthetic import write_synthetic
 
     for attempt in range(seed, seed + 20):
         src = out / ".source"
@@ -217,7 +217,7 @@ def export_parity(out: Path, seed: int) -> dict:
         model, _ = load_converted(model_dir)
         rng = np.random.default_rng(attempt)
         tokens = rng.integers(0, config["vocab_size"], PARITY_TOKENS).astype(np.int32)
-        tokens[0] = BOS_ID
+        tokens[0] = config["bos_token_id"]
         logits, experts, gaps = parity_arrays(model, tokens)
         min_gap = float(min(g.min() for g in gaps))
         if min_gap > PARITY_MIN_GAP:

@@ -26,7 +26,8 @@ from reference import QAT_GROUP, pack_int4
 from mobilemoe_mlx.checkpoints.config import preset_config
 from mobilemoe_mlx.checkpoints.synthetic import write_tokenizer
 
-# The synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>, 2 <|eot_id|>.
+# The tiny synthetic tokenizer's special tokens: 0 <|begin_of_text|>, 1 <|end_of_text|>,
+# 2 <|eot|> (where its chat template ends a turn; 3 and 4 are the header's marks).
 BOS, EOS = 0, [1, 2]
 
 # The one reason every torch-needing test gives when it skips.
@@ -223,9 +224,22 @@ def _dense_value(rng, name: str, kind: str, shape, fan_in: int) -> np.ndarray:
     return rng.normal(0.0, _std(name, kind, fan_in), shape)
 
 
-def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, Tensor], Dict[str, np.ndarray]]:
-    """Random bf16-layout tensors (router float32, everything else bf16) and
-    their float64 values.
+# How a release stores each kind of small vector: the QAT release's table (the
+# router float32, the rest bf16). `small_dtypes` overrides it per kind (issue 29:
+# a bf16 release may keep them in float32, or another float dtype).
+SMALL_DTYPES = {"router": "F32", "bias": "BF16", "norm": "BF16"}
+
+
+def _stored(value: np.ndarray, dtype: str) -> Tensor:
+    """`value` as a checkpoint stores it in `dtype` (BF16, F16 or F32)."""
+    return _bf16(value) if dtype == "BF16" else value.astype(
+        {"F16": np.float16, "F32": np.float32}[dtype])
+
+
+def bf16_tensors(config: dict, seed: int, small_dtypes: Optional[Dict[str, str]] = None,
+                 ) -> Tuple[Dict[str, Tensor], Dict[str, np.ndarray]]:
+    """Random bf16-layout tensors (the small vectors as SMALL_DTYPES, updated
+    with `small_dtypes`; everything else bf16) and their float64 values.
 
     The embedding, linears and experts lie on a per-group INT4 grid (groups of
     32 along the axis the INT4 format groups: the last axis of [out, in] and of
@@ -235,16 +249,15 @@ def bf16_tensors(config: dict, seed: int) -> Tuple[Dict[str, Tensor], Dict[str, 
     layout loses ~8% per weight; with generic Gaussian weights both lose ~8%
     and the two cannot be told apart by the logits.
     """
+    small = {**SMALL_DTYPES, **(small_dtypes or {})}
     rng = np.random.default_rng(seed)
     tensors, ref = {}, {}
     for name, kind, shape, fan_in in _shapes(config):
         if kind in ("embedding", "linear", "experts"):
             q, scale = _int4_grid(rng, shape, _std(name, kind, fan_in))
             t = _bf16(_times_scale(q, scale))
-        elif kind == "router":
-            t = _dense_value(rng, name, kind, shape, fan_in).astype(np.float32)
         else:
-            t = _bf16(_dense_value(rng, name, kind, shape, fan_in))
+            t = _stored(_dense_value(rng, name, kind, shape, fan_in), small[kind])
         tensors[name] = t
         ref[name] = _f64(t)
     return tensors, ref
@@ -262,7 +275,7 @@ def _qat_name(name: str, kind: str) -> Tuple[str, str]:
 SPECIAL_TOKENS_MAP = {
     name: {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
            "single_word": False}
-    for name, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|eot_id|>"))}
+    for name, token in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|end_of_text|>"))}
 
 
 def write_tokenizer_files(out: Path, config: dict) -> None:
@@ -281,9 +294,12 @@ def _write_common(out: Path, config: dict) -> None:
     write_tokenizer_files(out, config)
 
 
-def write_qat(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkpoint:
+def write_qat(out: Path, seed: int = 1, config: Optional[dict] = None,
+              small_dtypes: Optional[Dict[str, str]] = None) -> Checkpoint:
     """(a) QAT: packed INT4 + fp16 scales in one model.safetensors. `config`:
-    another shape than the tiny preset's (tests/tool_model.py)."""
+    another shape than the tiny preset's (tests/tool_model.py); `small_dtypes`:
+    as bf16_tensors'."""
+    small = {**SMALL_DTYPES, **(small_dtypes or {})}
     config = dict(config or tiny_config())
     config["quantization"] = dict(QAT_BLOCK)
     rng = np.random.default_rng(seed)
@@ -298,8 +314,7 @@ def write_qat(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkp
             ref[name] = _times_scale(q, scale)
             qat[name] = (q, scale)
             continue
-        value = _dense_value(rng, name, kind, shape, fan_in)
-        t = value.astype(np.float32) if kind == "router" else _bf16(value)
+        t = _stored(_dense_value(rng, name, kind, shape, fan_in), small[kind])
         tensors[name] = t
         ref[name] = _f64(t)
     _write_common(out, config)
@@ -307,10 +322,12 @@ def write_qat(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkp
     return Checkpoint(out, config, ref, qat)
 
 
-def write_bf16(out: Path, seed: int = 1, config: Optional[dict] = None) -> Checkpoint:
-    """(b) bf16 with fused experts, one model.safetensors (`config`: as write_qat's)."""
+def write_bf16(out: Path, seed: int = 1, config: Optional[dict] = None,
+               small_dtypes: Optional[Dict[str, str]] = None) -> Checkpoint:
+    """(b) bf16 with fused experts, one model.safetensors (`config`, `small_dtypes`:
+    as write_qat's)."""
     config = dict(config or tiny_config())
-    tensors, ref = bf16_tensors(config, seed)
+    tensors, ref = bf16_tensors(config, seed, small_dtypes)
     _write_common(out, config)
     save_safetensors(tensors, out / "model.safetensors")
     return Checkpoint(out, config, ref)

@@ -163,9 +163,9 @@ def _encode(tokenizer, text):
 def test_second_turn_prefills_only_its_new_tokens(loaded):
     session, counting, tok = _session(loaded)
     first = session.ask("Hello")
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    eot = tok.convert_tokens_to_ids("<|eot|>")
     # mlx-lm feeds each sampled token before it checks for a stop, so an answer
-    # that ended on <|eot_id|> has put that token in the cache too.
+    # that ended on <|eot|> has put that token in the cache too.
     first_stop = [eot] if first.finish == "stop" else []
     assert counting.fed == _encode(tok, tok.apply_chat_template(
         [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
@@ -173,7 +173,7 @@ def test_second_turn_prefills_only_its_new_tokens(loaded):
 
     counting.fed = []
     second = session.ask(FRANCE)
-    # What the template adds after the first answer: its <|eot_id|>, the new user
+    # What the template adds after the first answer: its <|eot|>, the new user
     # message and the assistant header. Nothing before it is fed again.
     full = tok.apply_chat_template(
         [{"role": "user", "content": "Hello"},
@@ -182,7 +182,7 @@ def test_second_turn_prefills_only_its_new_tokens(loaded):
     answer = tok.decode(first.tokens).strip()
     new = _encode(tok, full[full.index(answer) + len(answer):])
     assert new[0] == eot and len(new) < 40
-    new = new[len(first_stop):]  # a cached <|eot_id|> is not fed again
+    new = new[len(first_stop):]  # a cached <|eot|> is not fed again
     second_stop = [eot] if second.finish == "stop" else []
     assert counting.fed == new + second.tokens + second_stop
     assert second.prefilled == len(new)

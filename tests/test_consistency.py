@@ -94,7 +94,7 @@ REFUSED = {
     "vocabulary id a string": (TOKENIZER, _vocab_id("7"), ["tokenizer.json", '"7"']),
     "vocabulary id true": (TOKENIZER, _vocab_id(True), ["tokenizer.json", "true"]),
     "added token id past vocab_size": (TOKENIZER, _added(2, id=600),
-                                       ["tokenizer.json's added_tokens", "600", "<|eot_id|>"]),
+                                       ["tokenizer.json's added_tokens", "600", "<|eot|>"]),
     "added token id null": (TOKENIZER, _added(2, id=None), ["tokenizer.json", "added_tokens[2]"]),
     "added token id a string": (TOKENIZER, _added(2, id="2"),
                                 ["tokenizer.json", "added_tokens[2]"]),
@@ -106,7 +106,7 @@ REFUSED = {
                                   "tokens": ["<|begin_of_text|>"]}}}),
         ["tokenizer.json", "post_processor", "128000"]),
     "post-processor sep id past vocab_size": (
-        TOKENIZER, _set(post_processor={"type": "BertProcessing", "sep": ["<|eot_id|>", 9999],
+        TOKENIZER, _set(post_processor={"type": "BertProcessing", "sep": ["<|eot|>", 9999],
                                         "cls": ["<|begin_of_text|>", 0]}),
         ["tokenizer.json", "post_processor.sep", "9999"]),
     "tokenizer.json not JSON": (TOKENIZER, lambda _: "{", ["tokenizer.json is not valid JSON"]),
@@ -151,17 +151,17 @@ REFUSED = {
     "tokenizer config pad_token_id past vocab_size": (
         TOKENIZER_CONFIG, _set(pad_token_id=VOCAB), ["tokenizer_config.json: pad_token_id", "512"]),
     "tokenizer config additional special token missing": (
-        TOKENIZER_CONFIG, _set(additional_special_tokens=["<|eot_id|>", "<|python_tag|>"]),
+        TOKENIZER_CONFIG, _set(additional_special_tokens=["<|eot|>", "<|python_tag|>"]),
         ["tokenizer_config.json: additional_special_tokens", "<|python_tag|>"]),
     "tokenizer config added_tokens_decoder id past vocab_size": (
-        TOKENIZER_CONFIG, _set(added_tokens_decoder={"128009": {"content": "<|eot_id|>"}}),
+        TOKENIZER_CONFIG, _set(added_tokens_decoder={"128009": {"content": "<|eot|>"}}),
         ["tokenizer_config.json's added_tokens_decoder", "128009"]),
     "tokenizer config added_tokens_decoder token missing": (
         TOKENIZER_CONFIG, _set(added_tokens_decoder={"5": {"content": "<|eom_id|>"}}),
         ["tokenizer_config.json: added_tokens_decoder[5]", "<|eom_id|>"]),
     "chat template token missing": (
         TOKENIZER_CONFIG, _set(chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}"
-                                             "<|eot_id|>{% endfor %}"),
+                                             "<|eot|>{% endfor %}"),
         ["tokenizer_config.json's chat_template", "<|im_start|>"]),
     "named chat template token missing": (
         TOKENIZER_CONFIG, _set(chat_template=[{"name": "tool_use", "template": "<|python_tag|>"}]),
@@ -176,7 +176,7 @@ REFUSED = {
     "special tokens map bos_token string missing": (
         SPECIAL_MAP, _set(bos_token="<s>"), ["special_tokens_map.json: bos_token", "<s>"]),
     "special tokens map pad_token a list": (
-        SPECIAL_MAP, _set(pad_token=["<|eot_id|>"]),
+        SPECIAL_MAP, _set(pad_token=["<|eot|>"]),
         ["special_tokens_map.json: pad_token", "must be a token"]),
     "special tokens map additional token missing": (
         SPECIAL_MAP, _set(additional_special_tokens=[{"content": "<|eom_id|>"}]),
@@ -208,21 +208,21 @@ ACCEPTED = {
     "no tokenizer_config.json": (TOKENIZER_CONFIG, lambda _: DELETE),
     "tokenizer config pad_token null": (TOKENIZER_CONFIG, _set(pad_token=None)),
     "tokenizer config tokens as objects": (
-        TOKENIZER_CONFIG, _set(eos_token={"__type": "AddedToken", "content": "<|eot_id|>"},
-                               additional_special_tokens=[{"content": "<|start_header_id|>"}])),
+        TOKENIZER_CONFIG, _set(eos_token={"__type": "AddedToken", "content": "<|eot|>"},
+                               additional_special_tokens=[{"content": "<|header_start|>"}])),
     "tokenizer config extra_special_tokens object": (
-        TOKENIZER_CONFIG, _set(extra_special_tokens={"header": "<|start_header_id|>"})),
+        TOKENIZER_CONFIG, _set(extra_special_tokens={"header": "<|header_start|>"})),
     "tokenizer config added_tokens_decoder as released": (
-        TOKENIZER_CONFIG, _set(added_tokens_decoder={"2": {"content": "<|eot_id|>",
+        TOKENIZER_CONFIG, _set(added_tokens_decoder={"2": {"content": "<|eot|>",
                                                            "special": True}})),
     "named chat templates of known tokens": (
         TOKENIZER_CONFIG, _set(chat_template=[{"name": "default",
-                                               "template": "<|start_header_id|><|eot_id|>"}])),
+                                               "template": "<|header_start|><|eot|>"}])),
     "a template writing <| as text": (TOKENIZER_CONFIG, _set(chat_template="a <| b |> c")),
     "special tokens map as strings": (SPECIAL_MAP, _set(bos_token="<|begin_of_text|>",
-                                                        eos_token="<|eot_id|>", pad_token=None)),
+                                                        eos_token="<|eot|>", pad_token=None)),
     "chat_template.jinja of known tokens": (
-        "chat_template.jinja", _template("<|start_header_id|>{{ m }}<|end_header_id|>")),
+        "chat_template.jinja", _template("<|header_start|>{{ m }}<|header_end|>")),
 }
 
 

@@ -23,7 +23,7 @@ COS_EXACT, REL_EXACT = 0.99999, 1e-4
 NEW_TOKENS = 4
 # A text prompt whose greedy continuation on the test checkpoint is varied (not
 # one token repeated), so a wrong cache or sampling step shows in the tokens.
-TEXT_PROMPT = "def fib(n):\n    return"
+TEXT_PROMPT = "Paris is the capital of"
 TEXT_TOKENS = 8
 
 

@@ -40,7 +40,7 @@ class Finite(click.FloatRange):
 @click.option("--raw", is_flag=True,
               help="No chat template: each message is continued as plain text.")
 @click.option("--temp", type=Finite(min=0), default=0.0, show_default=True,
-              help="Sampling temperature; 0 is greedy (as the model card decodes).")
+              help="Sampling temperature; 0 is greedy (the same answer every time).")
 @click.option("--top-p", type=Finite(0, 1), default=1.0, show_default=True,
               help="Nucleus sampling; 1 is off.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
@@ -48,7 +48,7 @@ class Finite(click.FloatRange):
 @click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True,
               help="Drop tokens below this fraction of the top token's probability; 0 is off.")
 @click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
-              help="Penalise the last 20 tokens; 1.15 stops MobileMoE looping on lists.")
+              help="Penalise tokens of the last 20; above 1 makes repeating them less likely.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Longest answer, in tokens.")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,

@@ -25,14 +25,13 @@ from ..errors import UserError
 from .options import kv_group_size
 from .session import check_system_fits
 
-STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
-
 
 def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = None,
                     progress: bool = True, kv_bits: Optional[int] = None,
                     system: Optional[str] = None):
-    """`load()` plus what chat needs: a chat template (unless `raw`), every stop
-    token, and decoding without `clean_up_tokenization_spaces`. Warns first when
+    """`load()` plus what chat needs: a chat template (unless `raw`) and decoding
+    without `clean_up_tokenization_spaces`. `load()` already stops where the
+    template ends a turn (checkpoints/turns.py). Warns first when
     the model at full context will not fit this machine's memory. A `system`
     prompt that does not fit the context raises UserError, before the model is
     converted or loaded wherever its files allow (see the module's docstring)."""
@@ -68,11 +67,7 @@ def load_chat_model(source: str, raw: bool = False, revision: Optional[str] = No
 
 
 def _for_chat(tokenizer) -> None:
-    """Every stop token, and decoding and encoding as the chat needs them."""
-    vocab = tokenizer.get_vocab()
-    for token in STOP_TOKENS:
-        if token in vocab:
-            tokenizer.add_eos_token(token)
+    """Decoding and encoding as the chat needs them."""
     # `SELECT ?s` must not come out as `SELECT?s` (docs/architecture.md section 3).
     tokenizer._tokenizer.clean_up_tokenization_spaces = False
     # The session measures prompts against the context itself; transformers' warning

@@ -18,7 +18,7 @@ MIN_KV_SIZE = 8  # a rotating cache keeps the first 4 tokens: fewer leaves nothi
 
 @dataclass
 class Sampling:
-    temp: float = 0.0  # greedy, as the model card decodes
+    temp: float = 0.0  # greedy: the same answer every time
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0

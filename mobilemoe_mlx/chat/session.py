@@ -280,14 +280,14 @@ class ChatSession:
         if not after.startswith(rendered):  # a template that rewrites earlier turns
             self.history_text, self.history_tokens = "", []
             return
-        tail = after[len(rendered):]  # e.g. the answer, trimmed, then <|eot_id|>
+        tail = after[len(rendered):]  # e.g. the answer, then <|eot|>
         # Whitespace the template trims off the answer stays as the model wrote it:
         # that is what the cache holds, and a re-encoding would re-prefill the answer.
         shown = answer if tail.startswith(answer) else answer.strip()
         if not tail.startswith(shown):  # the template rewrote the answer: it wins
             self.history_text, self.history_tokens = after, target + self._encode(tail)
             return
-        closing = tail[len(shown):]  # what the template adds after it: <|eot_id|>
+        closing = tail[len(shown):]  # what the template adds after it: <|eot|>
         stop = self.tokenizer.decode(fed[-1:]) if turn.finish == "stop" else None
         tokens = fed if closing == stop else turn.tokens + self._encode(closing)
         self.history_text, self.history_tokens = after, target + tokens

@@ -45,6 +45,7 @@ from .output_dir import USER_OUT, Destination, atomic_output_dir, check_output_d
 from .reading import INDEX_FILE, TensorSource, open_checkpoint, read_text, weight_files
 from .safetensors_writer import Group, write_model
 from .tensor_converter import TensorConverter
+from .turns import Stops, converted_stops
 
 MODEL_FILE = "mobilemoe.py"
 DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
@@ -95,12 +96,18 @@ def _listing(names: List[str], limit: int = 4) -> str:
                                        if len(names) > limit else "")
 
 
-def _copy_tokenizer(src_dir: Path, out: Path) -> List[str]:
+def _copy_tokenizer(src_dir: Path, out: Path, stops: Stops) -> List[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, out / name)
             copied.append(name)
+    generation = out / "generation_config.json"
+    if generation.exists() and stops.eos_token_id:
+        # mlx-lm reads this file's eos_token_id over config.json's: the same list.
+        cfg = json.loads(read_text(generation))  # checked to be an object already
+        cfg["eos_token_id"] = stops.eos_token_id
+        generation.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     tc = out / "tokenizer_config.json"
     if tc.exists():
         # Llama-3's cleanup turns `SELECT ?s` into `SELECT?s`; the model was not
@@ -188,6 +195,7 @@ class Conversion:
     quantization: Optional[dict]  # mlx-lm's {"group_size", "bits", "mode"}; None keeps dense
     dtype: str
     tokenizer_dir: Path  # where the tokenizer files beside the weights are
+    stops: Stops  # the eos_token_id to write: the source's ids and the end of a turn
 
 
 def default_dtype(tensors: TensorSource) -> str:
@@ -249,6 +257,7 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     # The tokenizer files must agree with the config: an id past vocab_size is
     # a read past the embedding table (issue 19). Refused here, before writing.
     check_checkpoint_files(tokenizer_dir, config)
+    stops = converted_stops(tokenizer_dir, config)
     check_config_fits(config, tensors.stored_bytes(), str(src_path))
     layout = detect_layout(tensors)
     qat_group = check_qat_block(config.get("quantization", {})) if layout == QAT else 32
@@ -264,7 +273,7 @@ def check_conversion(source: str, out: str, dtype: Optional[str] = None, quantiz
     return Conversion(
         source, commit, out_path, config, tensors, layout, weights, qat_group,
         {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None,
-        dtype, tokenizer_dir)
+        dtype, tokenizer_dir, stops)
 
 
 def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -287,9 +296,11 @@ def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYT
         cfg = converted_config(c.config, c.quantization, c.layout)
         # The dtype written, not the source's: mlx_lm.convert saves in it by default.
         cfg["torch_dtype"] = c.dtype
+        if c.stops.eos_token_id:  # where a turn ends, for mlx-lm's tools as for ours
+            cfg["eos_token_id"] = c.stops.eos_token_id
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         shutil.copy2(Path(__file__).parents[1] / "model" / "mobilemoe.py", tmp / MODEL_FILE)
-        copied = _copy_tokenizer(c.tokenizer_dir, tmp)
+        copied = _copy_tokenizer(c.tokenizer_dir, tmp, c.stops)
         report = {
             "converter": f"mobilemoe-mlx {__version__}", "source": c.source,
             "revision": c.commit, "layout": c.layout, "dtype": c.dtype,
@@ -304,6 +315,8 @@ def write_conversion(c: Conversion, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYT
             print(f"warning: every quantization scale of {_listing(converter.zero_scales)} is "
                   "zero, so those weights are all zero (recorded in conversion.json)",
                   file=sys.stderr)
+        if c.stops.note:
+            print(f"note: {c.stops.note}", file=sys.stderr)
         if "tokenizer.json" not in copied:
             print(f"warning: no tokenizer.json beside the checkpoint; copy the tokenizer "
                   f"files into {c.out} before loading it", file=sys.stderr)

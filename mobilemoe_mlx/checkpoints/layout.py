@@ -23,6 +23,10 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 LINEAR, EMBEDDING, EXPERTS, NORM, ROUTER, BIAS = (
     "linear", "embedding", "experts", "norm", "router", "bias")
 QUANTIZABLE = (LINEAR, EMBEDDING, EXPERTS)
+# The small vectors a float checkpoint may keep in any float dtype of its own
+# (DeepSeek-V3's bf16 release keeps its routing bias in float32; nobody has seen
+# MobileMoE's bf16 files): the router, the expert bias and the norms.
+SMALL = (ROUTER, BIAS, NORM)
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,13 @@ def source_tensors(w: Weight, layout: str, group_size: int = 32) -> Dict[str, Ex
 def check_tensors_against_layout(weights: List[Weight], layout: str, source: TensorSource,
                  group_size: int = 32) -> None:
     """Every expected tensor present with its dtype and shape, none left over,
-    and every floating tensor but the router in one dtype."""
+    and the large floating tensors (embedding, linears, experts) in one dtype;
+    the small vectors (SMALL) may each have any float dtype."""
     expected = {
         e.name: e for w in weights for e in source_tensors(w, layout, group_size).values()
     }
-    routers = {e.name for w in weights if w.kind == ROUTER
-               for e in source_tensors(w, layout, group_size).values()}
+    small = {e.name for w in weights if w.kind in SMALL
+             for e in source_tensors(w, layout, group_size).values()}
     missing = sorted(set(expected) - set(source.info))
     leftover = sorted(set(source.info) - set(expected))
     problems = []
@@ -146,12 +151,13 @@ def check_tensors_against_layout(weights: List[Weight], layout: str, source: Ten
             problems.append(f"{name} has shape {list(got.shape)}, expected {list(exp.shape)}")
         elif got.dtype not in exp.dtypes:
             problems.append(f"{name} has dtype {got.dtype}, expected {' or '.join(exp.dtypes)}")
-        elif exp.dtypes == FLOAT_DTYPES and name not in routers:
+        elif exp.dtypes == FLOAT_DTYPES and name not in small:
             float_dtypes.setdefault(got.dtype, name)
     if len(float_dtypes) > 1:
-        # Checkpoints are saved in one dtype (the router aside): a lone tensor in
-        # another one is a damaged header whose bytes would be read as other numbers.
-        problems.append("the floating tensors mix dtypes (" + ", ".join(
+        # A checkpoint's large tensors are saved in one dtype: a lone one in another
+        # is a damaged header (BF16 and F16 have one size, so the byte counts cannot
+        # tell) whose bytes would be read as other numbers.
+        problems.append("the large floating tensors mix dtypes (" + ", ".join(
             f"{name} is {dtype}" for dtype, name in float_dtypes.items()) + ")")
     if problems:
         raise UserError(f"the checkpoint does not match its config ({layout} layout): "

@@ -30,6 +30,7 @@ from .reading import (
     read_safetensors_header,
     tensor_bytes,
 )
+from .turns import load_tokenizer
 
 # How messages name a conversion into the cache: the user passed no --out.
 CACHE_ENTRY = Destination(
@@ -44,21 +45,6 @@ except ImportError:  # pragma: no cover
 
 class DamagedConversion(UserError):
     """A converted directory whose weights files are damaged (say, truncated)."""
-
-
-def load_tokenizer(path: Path, eos_token_ids=None):
-    """mlx-lm's tokenizer wrapper for a converted directory.
-
-    An empty transformers config is handed in so transformers never parses the
-    model's own config.json (transformers 5 cannot, see docs/architecture.md section 6)."""
-    if not (path / "tokenizer.json").exists():
-        raise UserError(
-            f"{path} has no tokenizer.json; copy the checkpoint's tokenizer files there"
-        )
-    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
-    from transformers import PretrainedConfig
-
-    return load_mlx_tokenizer(path, {"config": PretrainedConfig()}, eos_token_ids=eos_token_ids)
 
 
 def check_converted_weights(path: Path, vocab_size: Optional[int] = None) -> int:

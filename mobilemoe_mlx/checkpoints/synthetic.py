@@ -2,19 +2,19 @@
 
 Latency and memory do not depend on weight values, so the benchmark and the
 tests run on these where the gated real checkpoints cannot be had. The config
-says `"synthetic": true`; the tokenizer is a small byte-level BPE with the
-Llama-3 special tokens and chat template, its vocabulary filled up to the
-model's with made-up words, so every id a model samples reads as text.
+says `"synthetic": true`; the tokenizer is the released one's, special names,
+ids and chat protocol included, with Llama 3.2's words where they are
+installed and made-up ones otherwise (synthetic_tokenizer.py), so every id a
+model samples reads as text.
 
-The stop tokens' embedding rows are zero, and since the embedding is also the
-output head their logits are always 0 while some other token's is higher: a
-synthetic model never stops by itself, so a run produces exactly the tokens
-asked for (what benchmarks and tests need).
+The stop tokens' embedding rows (<|end_of_text|> and <|eot|>) are zero, and
+since the embedding is also the output head their logits are always 0 while
+some other token's is higher: a synthetic model never stops by itself, so a
+run produces exactly the tokens asked for (what benchmarks and tests need).
 
     python -m mobilemoe_mlx.checkpoints.synthetic --preset S --layout qat --out DIR
 """
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -38,77 +38,7 @@ from .layout import (
 )
 from .output_dir import atomic_output_dir, check_output_dir
 from .safetensors_writer import Group, write_shard
-
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
-                  "<|start_header_id|>", "<|end_header_id|>"]
-BOS_ID, EOS_IDS = 0, [1, 2]
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-_CORPUS = """The quick brown fox jumps over the lazy dog. A mixture of experts routes
-each token to a few small feed-forward networks chosen by a router. Phones have
-little memory and slow storage, so models for them must be small and quantized.
-def add(a, b):\n    return a + b\nSELECT ?s WHERE { ?s a ?o } 12345 67890 + - * / = ( ) [ ]
-Hello! How are you today? I am fine, thank you. What is the capital of France?
-Paris is the capital of France. Water boils at 100 degrees Celsius at sea level."""
-
-
-# Made-up words for the ids past what the corpus trains: consonant-vowel syllables.
-_ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
-
-
-def _words():
-    """Distinct word-like strings in a fixed order: ba, be, ..., zu, baba, babe, ...
-    (every syllable is one consonant and one vowel, so no two spell the same)."""
-    syllables = [c + v for c in _ONSETS for v in _VOWELS]
-    for n in itertools.count(1):
-        for parts in itertools.product(syllables, repeat=n):
-            yield "".join(parts)
-
-
-def _fill_vocabulary(tokenizer_json: str, vocab_size: int) -> str:
-    """The trained tokenizer with its vocabulary filled up to `vocab_size` ids
-    with a leading space and a made-up word each. The merges never produce them,
-    so text encodes as trained; they exist to be decoded: a random model samples
-    every id of its vocabulary, and ids without text would print nothing."""
-    data = json.loads(tokenizer_json)
-    vocab = data["model"]["vocab"]
-    # "\u0120" is how the byte-level alphabet spells a space.
-    fresh = (t for t in ("\u0120" + w for w in _words()) if t not in vocab)
-    extra = list(itertools.islice(fresh, max(0, vocab_size - len(vocab))))
-    vocab.update(zip(extra, range(len(vocab), len(vocab) + len(extra))))
-    return json.dumps(data, ensure_ascii=False)
-
-
-def write_tokenizer(out: Path, vocab_size: int, with_chat_template: bool = True) -> None:
-    """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)
-    trained on a short text, with one token for each of `vocab_size` ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 500), special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
-    tok = Tokenizer.from_str(_fill_vocabulary(tok.to_str(), vocab_size))
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": "<|eot_id|>",
-        "clean_up_tokenization_spaces": True,  # as released; the converter turns it off
-        "model_max_length": 8192,
-    }
-    if with_chat_template:
-        config["chat_template"] = CHAT_TEMPLATE
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
+from .synthetic_tokenizer import SpecialIds, special_ids, write_tokenizer
 
 # -- random quantized weights: one generator for these checkpoints and bench/models.py --
 #
@@ -183,9 +113,9 @@ def _random_tensor(kind: str, role: str, shape, dtype: str, fan_in: int,
     return out if dtype == "F32" else out.astype(mx.bfloat16)
 
 
-def _silence_stop_tokens(kind: str, tensor: mx.array) -> mx.array:
+def _silence_stop_tokens(kind: str, tensor: mx.array, ids: SpecialIds) -> mx.array:
     if kind == EMBEDDING and tensor.dtype != mx.uint8:  # the scales, or the bf16 weight
-        tensor[mx.array(EOS_IDS)] = 0
+        tensor[mx.array([ids.end_of_text, ids.end_of_turn])] = 0
     return tensor
 
 
@@ -204,7 +134,10 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
         raise UserError(f"--layout must be {QAT} or {FUSED}, not {layout}")
     out_path = check_output_dir(out, force, _is_synthetic, "a synthetic checkpoint")
     config = preset_config(preset)
-    config.update(bos_token_id=BOS_ID, eos_token_id=EOS_IDS, synthetic=True,
+    ids = special_ids(config["vocab_size"])
+    # The released eos_token_id is not known; listing only <|end_of_text|> is the
+    # case where nothing but the chat template says that a turn ends at <|eot|>.
+    config.update(bos_token_id=ids.bos, eos_token_id=[ids.end_of_text], synthetic=True,
                   synthetic_note="random weights for tests and benchmarks; not a trained model")
     if layout == QAT:
         config["quantization"] = {
@@ -224,7 +157,8 @@ def write_synthetic(out: str, preset: str = "tiny", layout: str = QAT, seed: int
             specs[exp.name] = (exp.shape, mx_dtype)
             makers[exp.name] = (w.kind, role, exp.shape, dtype, fan_in, sub)
         groups.append(Group(specs, lambda m=makers: {
-            n: _silence_stop_tokens(args[0], _random_tensor(*args)) for n, args in m.items()}))
+            n: _silence_stop_tokens(args[0], _random_tensor(*args), ids)
+            for n, args in m.items()}))
 
     with atomic_output_dir(out_path) as tmp:
         from huggingface_hub.utils import tqdm
