@@ -684,7 +684,7 @@ class Model(nn.Module):
         # thread's stream), and a model loaded on one thread and run on
         # another would fail. Parameters are left to the loader, which
         # replaces them.
-        mx.eval([a for key, a in held_arrays(self) if key.startswith("_")])
+        mx.eval([a for path, a in held_arrays(self) if path.rsplit(".", 1)[-1].startswith("_")])
 
     def __getstate__(self):
         # A copy (copy.copy, deepcopy, pickle) makes its own compiled decode
@@ -763,23 +763,9 @@ class Model(nn.Module):
 
 
 def held_arrays(root) -> List[Tuple[str, mx.array]]:
-    """(key, array) for every array a module tree holds, parameters or not
-    (a rope's `_freqs`), each once, found through its modules, lists, dicts
-    and tuples."""
-    found, seen, stack = [], set(), [root]
-    while stack:
-        c = stack.pop()
-        if id(c) in seen:
-            continue
-        seen.add(id(c))
-        for key, value in (c.items() if isinstance(c, dict) else enumerate(c)):
-            if isinstance(value, mx.array):
-                if id(value) not in seen:
-                    seen.add(id(value))
-                    found.append((str(key), value))
-            elif isinstance(value, (dict, list, tuple)):
-                stack.append(value)
-    return found
+    """(dotted path, array) for every array a module tree holds, parameters
+    or not (a rope's `_freqs`, which `parameters()` leaves out)."""
+    return [(k, v) for k, v in tree_flatten(root) if isinstance(v, mx.array)]
 
 
 def realize(model: nn.Module) -> nn.Module:
